@@ -1,0 +1,147 @@
+"""Importance-sampling and distance estimators shared by every engine (SPEC §2.6, §4.2, §9).
+
+All inputs are log-scores (``log P`` unnormalised target, ``log q`` proposal, ``log π`` policy)
+as float64 tensors; every normalisation uses ``logsumexp``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import EmptySupportError
+
+
+def _finite_mass(log_w: torch.Tensor, what: str) -> torch.Tensor:
+    log_w = torch.as_tensor(log_w, dtype=torch.float64)
+    if log_w.numel() == 0 or not torch.isfinite(torch.logsumexp(log_w, 0)):
+        raise EmptySupportError(
+            f"{what}: all {log_w.numel()} importance weights are zero (every sample has "
+            "log P = -inf, e.g. violates a hard constraint); draw more samples or use a "
+            "proposal closer to the target"
+        )
+    return log_w
+
+
+def ess(log_w: torch.Tensor) -> float:
+    """Kish effective sample size ``(Σw)²/Σw²`` ∈ [1, N]."""
+    log_w = _finite_mass(log_w, "ESS")
+    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+
+
+def log_mean_exp(log_w: torch.Tensor) -> float:
+    return float(torch.logsumexp(log_w, 0) - math.log(log_w.numel()))
+
+
+def log_z_estimate(log_w: torch.Tensor) -> tuple[float, float]:
+    """``log Ẑ = log mean w`` and its delta-method standard error ``sd(w)/(√N·Ẑ)``."""
+    log_w = _finite_mass(log_w, "log Z")
+    log_z = log_mean_exp(log_w)
+    ratio = torch.exp(log_w - log_z)
+    se = float(ratio.std(unbiased=True) / math.sqrt(log_w.numel())) if log_w.numel() > 1 else math.inf
+    return log_z, se
+
+
+def khat_threshold(num_samples: int) -> float:
+    """PSIS reliability threshold ``min(1 − 1/log10 S, 0.7)`` (SPEC §9, current version)."""
+    return min(1 - 1 / math.log10(num_samples), 0.7) if num_samples > 10 else 0.0
+
+
+def pareto_k(log_w: torch.Tensor) -> float:
+    """PSIS Pareto k̂ of importance weights (Vehtari et al. 2024) via ``arviz.psislw``."""
+    import arviz as az
+
+    log_w = _finite_mass(log_w, "Pareto k̂").cpu().numpy()
+    finite = np.sort(log_w[np.isfinite(log_w)])
+    tail = math.ceil(min(0.2 * finite.size, 3 * math.sqrt(finite.size)))
+    if finite.size < 5 or finite[-tail] == finite[-1]:
+        # The upper tail is an atom at the largest weight (bounded weights, as on discrete
+        # worlds): there is no heavy tail, and a Pareto fit to identical values is undefined.
+        return -math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, k = az.psislw(finite.copy(), reff=1.0)
+    return float(k)
+
+
+def _normalise(log_w: torch.Tensor) -> torch.Tensor:
+    return log_w - torch.logsumexp(log_w, 0)
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Exact ``KL(p‖q)`` over an enumerated support; terms with p = 0 contribute 0."""
+    log_p, log_q = log_p.double(), log_q.double()
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return float(terms.sum())
+
+
+def tvd(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Exact total variation ``½ Σ |p − q|`` over an enumerated support."""
+    return float(0.5 * (log_p.double().exp() - log_q.double().exp()).abs().sum())
+
+
+def is_kl_target_policy(log_P: torch.Tensor, log_q: torch.Tensor, log_pi: torch.Tensor) -> float:
+    """``KL(p‖π) ≈ −log Ẑ + (1/(ẐN)) Σ w (log P − log π)``, samples from q (SPEC §2.6)."""
+    log_w = _finite_mass(log_P - log_q, "KL(p‖π)")
+    w_tilde = _normalise(log_w).exp()
+    log_z = log_mean_exp(log_w)
+    diff = torch.where(w_tilde > 0, log_P - log_pi, torch.zeros_like(log_P))
+    return float(-log_z + (w_tilde * diff).sum())
+
+
+def is_tvd(log_P: torch.Tensor, log_q: torch.Tensor, log_pi: torch.Tensor) -> float:
+    """``TVD(p,π) ≈ ½ mean |π/q − w/Ẑ|``, samples from q (SPEC §2.6)."""
+    log_w = _finite_mass(log_P - log_q, "TVD")
+    log_z = log_mean_exp(log_w)
+    return float(0.5 * (torch.exp(log_pi - log_q) - torch.exp(log_w - log_z)).abs().mean())
+
+
+@dataclass
+class Diagnostics:
+    """What every `Posterior` reports; a field is None where it does not apply.
+
+    ``exact`` says whether the distances came from enumeration (True) or estimation (False).
+    """
+
+    log_z: float | None = None
+    log_z_se: float | None = None
+    ess: float | None = None
+    ess_fraction: float | None = None
+    pareto_k: float | None = None
+    pareto_k_threshold: float | None = None
+    acceptance_rate: float | None = None
+    acceptance_rate_se: float | None = None
+    kl_target_policy: float | None = None
+    kl_policy_prior: float | None = None
+    tvd: float | None = None
+    rewards: dict[str, float] = field(default_factory=dict)
+    moments: dict[str, list[float]] = field(default_factory=dict)
+    num_proposed: int | None = None
+    num_samples: int | None = None
+    exact: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def check_pareto_k(self) -> None:
+        """Warn when k̂ exceeds the SPEC §9 threshold: log Ẑ and IS estimates are unreliable."""
+        if self.pareto_k is None or self.pareto_k_threshold is None:
+            return
+        if self.pareto_k > self.pareto_k_threshold:
+            message = (
+                f"Pareto k̂ = {self.pareto_k:.2f} exceeds {self.pareto_k_threshold:.2f} "
+                f"for {self.num_proposed} draws: importance-sampling estimates (log Z, KL, "
+                f"ESS) are unreliable; about {_min_samples(self.pareto_k)} draws would be needed"
+            )
+            self.warnings.append(message)
+            warnings.warn(message, stacklevel=3)
+
+
+def _min_samples(k: float) -> str:
+    return f"{10 ** (1 / (1 - k)):.3g}" if k < 1 else "infinitely many"

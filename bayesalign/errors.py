@@ -1,0 +1,33 @@
+"""Library exceptions: each message names the site, sample index or option at fault."""
+
+
+class BayesAlignError(Exception):
+    """Base class of every error bayesalign raises on purpose."""
+
+
+class ConfigError(BayesAlignError, ValueError):
+    """An engine or model option is out of its valid range."""
+
+
+class InvalidDistributionError(BayesAlignError, ValueError):
+    """A probability table or prior is malformed (negative, not normalised, wrong shape)."""
+
+
+class InvalidTargetError(BayesAlignError, ValueError):
+    """A target model is malformed: no prior site, two prior sites, bad factor shapes."""
+
+
+class InvalidFactorError(BayesAlignError, ValueError):
+    """A factor site returned NaN or +inf for some sample."""
+
+
+class VocabularyMismatchError(BayesAlignError, ValueError):
+    """A proposal and the prior do not share one token vocabulary."""
+
+
+class EmptySupportError(BayesAlignError, RuntimeError):
+    """No sample had non-zero target mass (e.g. every sample violated a hard constraint)."""
+
+
+class NotEnumerableError(BayesAlignError, TypeError):
+    """An exact computation was asked of a prior whose support cannot be enumerated."""

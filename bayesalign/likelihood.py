@@ -1,0 +1,90 @@
+"""Likelihood helpers: the factor sites a target multiplies into its prior (SPEC §1, §6).
+
+Each helper is a `pyro.factor` with metadata in ``infer["bayesalign"]`` so engines and
+diagnostics can read what a site means (a reward and its ``kl_coef``, a hard constraint, a
+moment feature and its target mean) from the trace alone.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.poutine.messenger import Messenger
+
+from .errors import ConfigError
+
+METADATA = "bayesalign"
+
+
+def _factor(name: str, log_factor: torch.Tensor, **metadata: object) -> torch.Tensor:
+    log_factor = torch.as_tensor(log_factor)
+    unit = dist.Unit(log_factor, validate_args=False)
+    pyro.sample(
+        name,
+        unit,
+        obs=unit.sample(),
+        infer={"is_auxiliary": True, METADATA: metadata},
+    )
+    return log_factor
+
+
+def reward(name: str, r: torch.Tensor, kl_coef: float = 1.0) -> torch.Tensor:
+    """Factor ``r(y)/kl_coef``: the Gibbs posterior ``a·exp(r/β)`` of KL-regularised RL (SPEC §1.1)."""
+    if not kl_coef > 0:
+        raise ConfigError(f"reward '{name}': kl_coef must be > 0, got {kl_coef}")
+    r = torch.as_tensor(r)
+    return _factor(name, r / kl_coef, kind="reward", reward=r, kl_coef=kl_coef)
+
+
+def constraint(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """Factor ``log 1[b(y)]``: 0 where the constraint holds, −inf where it fails (SPEC §1.2)."""
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool:
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ConfigError(f"constraint '{name}': mask must be boolean or 0/1")
+        mask = mask.bool()
+    zeros = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    return _factor(name, zeros.masked_fill(~mask, float("-inf")), kind="constraint", value=mask)
+
+
+def moment(name: str, phi: torch.Tensor, mean: float | torch.Tensor) -> torch.Tensor:
+    """Declare ``E_p[φ] = μ̄``: factor ``λ·φ(y)`` with λ fitted by the dual (SPEC §1.3).
+
+    Until λ is given (``Target.with_lambdas``, `MomentLambdas`) the factor is 0, i.e. the site leaves the prior
+    unchanged; ``phi`` is ``[batch]`` for one feature or ``[batch, k]`` for ``k``.
+    """
+    phi = torch.as_tensor(phi, dtype=torch.float64)
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    if phi.dim() == 2 and mean.shape != phi.shape[-1:]:
+        raise ConfigError(f"moment '{name}': mean has shape {tuple(mean.shape)}, phi [B, k]")
+    log_factor = torch.zeros(phi.shape[:1], dtype=torch.float64, device=phi.device)
+    return _factor(name, log_factor, kind="moment", phi=phi, mean=mean)
+
+
+def log_sigmoid_centered(r: torch.Tensor, ref: float | torch.Tensor) -> torch.Tensor:
+    """LSC utility ``log σ(r − r_ref)`` = log P(good): a sum of them is a logical AND (SPEC §6)."""
+    r = torch.as_tensor(r)
+    return F.logsigmoid(r - torch.as_tensor(ref, dtype=r.dtype, device=r.device))
+
+
+class MomentLambdas(Messenger):
+    """Effect handler giving each `moment` site its factor ``λ·φ(y)``, like ``poutine.condition``.
+
+    >>> with MomentLambdas({"has_two": torch.tensor(0.136)}):
+    ...     trace = poutine.trace(model).get_trace()   # site "has_two" now adds 0.136·φ
+    """
+
+    def __init__(self, lambdas: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.lambdas = lambdas
+
+    def _process_message(self, msg: dict) -> None:
+        meta = (msg.get("infer") or {}).get(METADATA, {})
+        if meta.get("kind") != "moment" or msg["name"] not in self.lambdas:
+            return
+        phi = meta["phi"]
+        lam = torch.as_tensor(self.lambdas[msg["name"]], dtype=phi.dtype, device=phi.device)
+        log_factor = phi * lam if phi.dim() == 1 else phi @ lam
+        msg["fn"] = dist.Unit(log_factor, validate_args=False)

@@ -1,0 +1,189 @@
+"""`Posterior`: the one result type of every engine, weighted samples or a trained policy."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .diagnostics import Diagnostics
+from .distribution import SequenceDistribution
+from .errors import BayesAlignError
+from .sequences import Sequences
+from .target import NO_CONTEXT, Target
+
+LogProb = Callable[[Sequences], torch.Tensor]
+
+
+class Posterior:
+    """What an engine returns: samples (weighted where weighted), the law they follow, diagnostics.
+
+    - ``samples``: the engine's output draws; ``log_weights`` their unnormalised log-weights
+      (SNIS, Exact) or None when they are equally weighted (Rejection, QRS, BoN).
+    - ``proposal_log_weights``: ``log P − log q`` of every proposal draw, for log Ẑ, ESS and k̂.
+    - ``law``: log-probability of the distribution the engine samples from, where it is known
+      exactly (Exact and Rejection: p; QRS: p_β; BoN: its exact law; a trained policy: π).
+    """
+
+    def __init__(
+        self,
+        samples: Sequences,
+        *,
+        engine: str,
+        target: Target | None = None,
+        context: Any = NO_CONTEXT,
+        log_weights: torch.Tensor | None = None,
+        proposal_log_weights: torch.Tensor | None = None,
+        law: LogProb | None = None,
+        policy: SequenceDistribution | None = None,
+        num_proposed: int | None = None,
+        config: dict | None = None,
+        history: list[dict] | None = None,
+        exact_log_z: float | None = None,
+        estimates: dict[str, float] | None = None,
+        extras: dict[str, float] | None = None,
+    ) -> None:
+        self.samples = samples
+        self.engine = engine
+        self.target = target
+        self.context = context
+        self.log_weights = log_weights
+        self.proposal_log_weights = proposal_log_weights
+        self.law = law
+        self.policy = policy
+        self.num_proposed = num_proposed
+        self.config = dict(config or {})
+        self.history = list(history or [])
+        self.exact_log_z = exact_log_z
+        self.estimates = dict(estimates or {})
+        self.extras = dict(extras or {})
+        self.diagnostics = Diagnostics()
+
+    def __repr__(self) -> str:
+        return f"Posterior(engine={self.engine}, samples={len(self.samples)})"
+
+    @property
+    def log_z(self) -> float | None:
+        """The engine's (exact or estimated) ``log Z``; shorthand for ``diagnostics.log_z``."""
+        return self.diagnostics.log_z
+
+    @property
+    def normalised_weights(self) -> torch.Tensor:
+        """Self-normalised weights of ``samples`` (uniform when unweighted)."""
+        if self.log_weights is None:
+            return torch.full((len(self.samples),), 1 / len(self.samples), dtype=torch.float64)
+        return torch.softmax(self.log_weights.double(), 0)
+
+    def log_prob(self, y: Sequences) -> torch.Tensor:
+        """Log-probability of ``y`` under this posterior's law (the weighted empirical law for SNIS)."""
+        if self.law is not None:
+            return self.law(y)
+        if self.log_weights is None:
+            raise BayesAlignError(
+                f"{self.engine} posterior has no closed-form law here (non-enumerable prior); "
+                "use its samples and diagnostics"
+            )
+        mass: dict[tuple, float] = {}
+        for key, w in zip(self.samples.keys(), self.normalised_weights.tolist()):
+            mass[key] = mass.get(key, 0.0) + w
+        probs = torch.tensor([mass.get(k, 0.0) for k in y.keys()], dtype=torch.float64)
+        return probs.log()
+
+    def sample(self, num_samples: int) -> Sequences:
+        """Fresh draws from a trained policy, or a weighted resample of the stored samples."""
+        if self.policy is not None:
+            with torch.no_grad():
+                return self.policy.sample_batch(num_samples)
+        index = torch.multinomial(self.normalised_weights, num_samples, replacement=True)
+        return self.samples[index]
+
+    def summary(self) -> str:
+        """A two-column table of every diagnostic that applies."""
+        rows = [("engine", self.engine)]
+        for name, value in self.diagnostics.as_dict().items():
+            if value is None or value == {} or value == []:
+                continue
+            if isinstance(value, dict):
+                rows += [(f"{name}[{k}]", _fmt(v)) for k, v in value.items()]
+            elif name != "warnings":
+                rows.append((name, _fmt(value)))
+        rows += [(k, _fmt(v)) for k, v in self.extras.items()]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+        lines += [f"warning: {w}" for w in self.diagnostics.warnings]
+        return "\n".join(lines)
+
+    def to_arviz(self) -> Any:
+        """ArviZ InferenceData: per-sample log-scores and factor values, weights, diagnostics."""
+        from .arviz_export import posterior_to_arviz
+
+        return posterior_to_arviz(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write samples, weights and policy parameters (safetensors) and metadata (JSON)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"tokens": self.samples.tokens, "mask": self.samples.mask}
+        for name in ("log_weights", "proposal_log_weights"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        if self.samples.log_q is not None:
+            tensors["log_q"] = self.samples.log_q
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(path / "samples.safetensors"))
+        if self.policy is not None and self.policy.module is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.policy.module.state_dict().items()}
+            save_file(state, str(path / "policy.safetensors"))
+        meta = {
+            "engine": self.engine,
+            "config": self.config,
+            "history": self.history,
+            "num_proposed": self.num_proposed,
+            "exact_log_z": self.exact_log_z,
+            "estimates": self.estimates,
+            "extras": self.extras,
+            "diagnostics": self.diagnostics.as_dict(),
+            "context": self.samples.context,
+        }
+        (path / "posterior.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    @classmethod
+    def load(cls, path: str | Path, policy: SequenceDistribution | None = None) -> Posterior:
+        """Read a saved posterior; pass ``policy`` (same architecture) to restore its weights."""
+        path = Path(path)
+        meta = json.loads((path / "posterior.json").read_text())
+        tensors = load_file(str(path / "samples.safetensors"))
+        samples = Sequences(tokens=tensors["tokens"], mask=tensors["mask"],
+                            context=meta["context"], log_q=tensors.get("log_q"))
+        if policy is not None:
+            if not (path / "policy.safetensors").exists():
+                raise BayesAlignError(f"{path} holds no policy weights")
+            policy.module.load_state_dict(load_file(str(path / "policy.safetensors")))
+        post = cls(
+            samples,
+            engine=meta["engine"],
+            log_weights=tensors.get("log_weights"),
+            proposal_log_weights=tensors.get("proposal_log_weights"),
+            policy=policy,
+            law=policy.log_prob if policy is not None else None,
+            num_proposed=meta["num_proposed"],
+            config=meta["config"],
+            history=meta["history"],
+            exact_log_z=meta["exact_log_z"],
+            estimates=meta["estimates"],
+            extras=meta["extras"],
+        )
+        post.diagnostics = Diagnostics(**meta["diagnostics"])
+        return post
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)

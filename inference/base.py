@@ -1,0 +1,80 @@
+"""What every engine shares: seeding, drawing proposals in batches, log-weights, checks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError, VocabularyMismatchError
+from bayesalign.posterior import Posterior
+from bayesalign.sequences import Sequences
+from bayesalign.target import NO_CONTEXT, Target
+
+
+class Engine(Protocol):
+    """Construct with hyperparameters; ``fit(target, context)`` returns a `Posterior`."""
+
+    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior: ...
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run with torch's RNG seeded, restoring the caller's RNG state afterwards."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def require_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def resolve_proposal(
+    target: Target, proposal: SequenceDistribution | None, context: Any
+) -> tuple[SequenceDistribution, SequenceDistribution]:
+    """The prior and the proposal (the prior by default), checked to share a vocabulary."""
+    prior = target.prior(context)
+    if proposal is None:
+        return prior, prior
+    if proposal.vocabulary_id != prior.vocabulary_id:
+        raise VocabularyMismatchError(
+            f"proposal vocabulary {proposal.vocabulary_id} differs from the prior's "
+            f"{prior.vocabulary_id}; log P/q is meaningless across tokenizers"
+        )
+    return prior, proposal
+
+
+def weighted_draws(
+    target: Target,
+    prior: SequenceDistribution,
+    proposal: SequenceDistribution,
+    num_samples: int,
+    context: Any,
+) -> tuple[Sequences, torch.Tensor]:
+    """``num_samples`` draws from the proposal and their log-weights ``log P − log q``."""
+    draws = proposal.sample_batch(num_samples)
+    log_q = draws.log_q.double()
+    log_prior = log_q if proposal is prior else None
+    log_score = target.log_score(draws, context, log_prior=log_prior)
+    return draws, log_score - log_q
+
+
+def batches(total: int, batch_size: int, description: str) -> Iterator[int]:
+    """Batch sizes summing to ``total``, with a progress bar on interactive terminals."""
+    with tqdm(total=total, desc=description, disable=None, leave=False) as bar:
+        done = 0
+        while done < total:
+            size = min(batch_size, total - done)
+            yield size
+            done += size
+            bar.update(size)

@@ -1,0 +1,214 @@
+"""Rejection sampling (exact, SPEC §4.1) and quasi-rejection sampling (QRS, SPEC §4.2).
+
+Both draw ``x ∼ q`` and accept with probability ``min(1, P(x)/(M q(x)))``; with ``M`` at least
+``max P/q`` the accepted draws follow ``p`` exactly (Rejection, which checks the bound), and
+below it they follow ``p_β ∝ min(P, β_q q)`` (QRS, whose distance to p shrinks as β_q grows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError, EmptySupportError
+from bayesalign.evaluation import evaluate
+from bayesalign.posterior import Posterior
+from bayesalign.sequences import Sequences
+from bayesalign.target import NO_CONTEXT, Target
+
+from .base import batches, require_positive, resolve_proposal, seeded, weighted_draws
+
+
+@dataclass
+class _AcceptReject:
+    """Shared loop: draw from q, accept with ``min(1, w/M)``, until enough are accepted."""
+
+    num_samples: int = 1000
+    proposal: SequenceDistribution | None = None
+    batch_size: int = 4096
+    max_proposals: int | None = None
+    seed: int | None = 0
+    name: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        require_positive("num_samples", self.num_samples)
+        require_positive("batch_size", self.batch_size)
+        if self.max_proposals is not None:
+            require_positive("max_proposals", self.max_proposals)
+
+    def _log_envelope(self) -> float:
+        raise NotImplementedError
+
+    def _check(self, draws: Sequences, log_w: torch.Tensor, offset: int) -> None:
+        """Engine-specific check of each batch of log-weights (Rejection checks its bound)."""
+
+    def _run(
+        self, target: Target, context: Any
+    ) -> tuple[Sequences, torch.Tensor, int, SequenceDistribution, SequenceDistribution]:
+        prior, proposal = resolve_proposal(target, self.proposal, context)
+        log_m = self._log_envelope()
+        limit = self.max_proposals or 1000 * self.num_samples
+        accepted: list[Sequences] = []
+        all_log_w: list[torch.Tensor] = []
+        num_accepted = proposed = 0
+        with seeded(self.seed):
+            for size in batches(limit, self.batch_size, self.name):
+                draws, log_w = weighted_draws(target, prior, proposal, size, context)
+                self._check(draws, log_w, proposed)
+                accept = torch.rand(size, dtype=torch.float64).log() < (log_w - log_m).cpu()
+                proposed += size
+                all_log_w.append(log_w.cpu())
+                if accept.any():
+                    accepted.append(draws[accept.nonzero().squeeze(-1)])
+                    num_accepted += int(accept.sum())
+                if num_accepted >= self.num_samples:
+                    break
+        if num_accepted == 0:
+            raise EmptySupportError(
+                f"{self.name}: no sample accepted out of {proposed} proposals for target "
+                f"'{target.name}' (zero target mass on every draw, or an acceptance rate far "
+                "below 1/proposals); check the constraints or raise max_proposals"
+            )
+        samples = Sequences.cat(accepted)[: self.num_samples]
+        return samples, torch.cat(all_log_w), proposed, prior, proposal
+
+    def _exact_law(self, target: Target, context: Any, proposal: SequenceDistribution):
+        """``log min(P, M q) − log Z_M`` on enumerable worlds (= log p when M ≥ max P/q)."""
+        if not target.is_enumerable(context):
+            return None
+        support = target.support(context)
+        log_m = self._log_envelope()
+
+        def log_clipped(y: Sequences) -> torch.Tensor:
+            log_q = proposal.log_prob(y).detach().double()
+            return torch.minimum(target.log_score(y, context), log_q + log_m)
+
+        log_z_m = float(torch.logsumexp(log_clipped(support), 0))
+        return lambda y: log_clipped(y) - log_z_m
+
+
+@dataclass
+class Rejection(_AcceptReject):
+    """Exact rejection sampling with envelope ``bound`` = M ≥ max P/q; errors if a draw exceeds it."""
+
+    bound: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive("bound", self.bound)
+        self.name = "Rejection"
+
+    def _log_envelope(self) -> float:
+        return math.log(self.bound)
+
+    def _check(self, draws: Sequences, log_w: torch.Tensor, offset: int) -> None:
+        over = log_w > self._log_envelope() + 1e-9
+        if over.any():
+            i = int(over.nonzero()[0])
+            raise ConfigError(
+                f"Rejection: sample {offset + i} has P/q = {math.exp(float(log_w[i])):.6g} > "
+                f"bound {self.bound}; the samples would not follow the target. Raise the bound "
+                "(acceptance rate = Z/bound) or use QRS, which allows it"
+            )
+
+    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
+        prior, proposal = resolve_proposal(target, self.proposal, context)
+        if target.is_enumerable(context):
+            support = target.support(context)
+            self._check(support, target.log_score(support, context)
+                        - proposal.log_prob(support).detach().double(), 0)
+        samples, log_w, proposed, _, proposal = self._run(target, context)
+        posterior = Posterior(
+            samples, engine=self.name, target=target, context=context,
+            proposal_log_weights=log_w, law=self._exact_law(target, context, proposal),
+            num_proposed=proposed, config={"bound": self.bound, "num_samples": self.num_samples},
+        )
+        posterior.diagnostics = evaluate(target, posterior)
+        return posterior
+
+
+@dataclass
+class QRS(_AcceptReject):
+    """Quasi-rejection sampling: accept with ``min(1, P/(β_q q))``; exact as β_q → max P/q."""
+
+    qrs_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive("qrs_beta", self.qrs_beta)
+        self.name = "QRS"
+
+    def _log_envelope(self) -> float:
+        return math.log(self.qrs_beta)
+
+    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
+        samples, log_w, proposed, _, proposal = self._run(target, context)
+        curve = qrs_estimates(log_w, [self.qrs_beta])
+        posterior = Posterior(
+            samples, engine=self.name, target=target, context=context,
+            proposal_log_weights=log_w, law=self._exact_law(target, context, proposal),
+            num_proposed=proposed,
+            config={"qrs_beta": self.qrs_beta, "num_samples": self.num_samples},
+            estimates={"tvd": curve.tvd[0], "kl_target_policy": curve.kl[0]},
+            extras={"qrs_beta": self.qrs_beta},
+        )
+        posterior.diagnostics = evaluate(target, posterior)
+        return posterior
+
+    def sweep(
+        self, target: Target, qrs_betas: list[float], context: Any = NO_CONTEXT,
+        num_bootstrap: int = 200,
+    ) -> QRSCurves:
+        """Acceptance, TVD(p,p_β) and KL(p‖p_β) for every β_q from one proposal sample (SPEC §4.2)."""
+        for b in qrs_betas:
+            require_positive("qrs_beta", b)
+        prior, proposal = resolve_proposal(target, self.proposal, context)
+        with seeded(self.seed):
+            _, log_w = weighted_draws(target, prior, proposal, self.num_samples, context)
+            curves = qrs_estimates(log_w.cpu(), qrs_betas)
+            index = torch.randint(len(log_w), (num_bootstrap, len(log_w)))
+            boot = [qrs_estimates(log_w.cpu()[row], qrs_betas) for row in index]
+        curves.acceptance_rate_se = _sd([b.acceptance_rate for b in boot])
+        curves.tvd_se = _sd([b.tvd for b in boot])
+        curves.kl_se = _sd([b.kl for b in boot])
+        return curves
+
+
+@dataclass
+class QRSCurves:
+    """IS estimates of QRS's trade-off at each β_q, with bootstrap standard errors."""
+
+    qrs_beta: list[float]
+    acceptance_rate: list[float]
+    tvd: list[float]
+    kl: list[float]
+    acceptance_rate_se: list[float] | None = None
+    tvd_se: list[float] | None = None
+    kl_se: list[float] | None = None
+
+
+def qrs_estimates(log_w: torch.Tensor, qrs_betas: list[float]) -> QRSCurves:
+    """SPEC §4.2 estimators from ``log w = log P − log q`` of draws from q."""
+    log_w = log_w.double()
+    n = log_w.numel()
+    log_z = torch.logsumexp(log_w, 0) - math.log(n)
+    w_over_z = torch.exp(log_w - log_z)
+    ar, tvd, kl = [], [], []
+    for beta in qrs_betas:
+        log_clip = torch.clamp(log_w, max=math.log(beta))
+        log_z_beta = torch.logsumexp(log_clip, 0) - math.log(n)
+        ar.append(float(torch.exp(log_z_beta) / beta))
+        tvd.append(float(0.5 * (w_over_z - torch.exp(log_clip - log_z_beta)).abs().mean()))
+        # KL(p‖p_β) = −log Ẑ + mean[(w/Ẑ)(log w − (log clip − log Ẑ_β))] with log P − log q = log w
+        terms = torch.where(w_over_z > 0, w_over_z * (log_w - log_clip + log_z_beta),
+                            torch.zeros_like(w_over_z))
+        kl.append(float(-log_z + terms.mean()))
+    return QRSCurves(list(qrs_betas), ar, tvd, kl)
+
+
+def _sd(rows: list[list[float]]) -> list[float]:
+    return torch.tensor(rows, dtype=torch.float64).std(0).tolist()

@@ -1,0 +1,278 @@
+"""`CausalLM`: any transformers causal LM as a prior or proposal over token sequences.
+
+Sampling is a manual KV-cache loop (not ``model.generate``) so that each sample's exact log q
+under the adapted law (SPEC §8.2) is accumulated while it is drawn; ``log_prob`` recomputes the
+same quantity in one forward pass, and the two agree (DESIGN.md, "Conventions").
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError, VocabularyMismatchError
+from bayesalign.sequences import Decoder, Sequences, mask_through_eos
+
+from .adaptors import Adaptor, adapted_log_probs, make_adaptors
+
+Prompt = str | list[str] | None
+
+# Named priors that ship with the library: ``CausalLM.from_pretrained("bundled:NAME")`` calls
+# ``BUNDLED_MODELS[NAME](**kw)``. Builders register themselves here.
+BUNDLED_MODELS: dict[str, Callable[..., CausalLM]] = {}
+
+
+class CausalLM(SequenceDistribution):
+    """Ancestral sampling and exact scoring of ``y | x`` for a transformers causal LM.
+
+    A value is a batch of generated tokens (right-padded after the first EOS); its context is
+    the prompt of each row, given by ``given`` or carried in ``Sequences.context``. With
+    ``prompt`` a list, row ``i`` of a batch of ``n`` uses ``prompt[i // (n // len(prompt))]``
+    (each prompt's samples are contiguous), and ``n`` must be a multiple of ``len(prompt)``.
+    An adaptor chain (``adapted``) turns the prior into a locally normalised proposal.
+    The model should be in eval mode (or have no dropout): sampling and scoring must see one
+    function for log q to be exact.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_new_tokens: int = 32,
+        adaptors: Sequence[Adaptor] = (),
+        prompt: Prompt = None,
+    ) -> None:
+        super().__init__()
+        if max_new_tokens < 1:
+            raise ConfigError(f"CausalLM max_new_tokens must be >= 1, got {max_new_tokens}")
+        output = model.get_output_embeddings()
+        self.vocab_size = int(getattr(output, "out_features", model.config.vocab_size))
+        if len(tokenizer) > self.vocab_size:
+            raise VocabularyMismatchError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model only scores "
+                f"{self.vocab_size}; load the tokenizer saved with this model"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.adaptors = tuple(adaptors)
+        self.prompt = _check_prompt(prompt)
+        self.eos_token_id = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
+        # Start token for an empty context: a causal LM needs one position to predict from.
+        bos = tokenizer.bos_token_id
+        self.start_token_id = bos if bos is not None else self.pad_token_id
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None, **kw,
+    ) -> CausalLM:
+        """Load a model and tokenizer from a local directory (never from a hub).
+
+        ``"bundled:NAME"`` builds a model shipped with the library; ``kw`` go to ``CausalLM``.
+        """
+        path = str(path)
+        if path.startswith("bundled:"):
+            name = path.removeprefix("bundled:")
+            if name not in BUNDLED_MODELS:
+                known = ", ".join(sorted(BUNDLED_MODELS)) or "none yet"
+                raise ConfigError(
+                    f"no bundled model named {name!r} exists (available: {known}); "
+                    "pass a local directory written by save_pretrained instead"
+                )
+            return BUNDLED_MODELS[name](**kw)
+        if not Path(path).is_dir():
+            raise ConfigError(
+                f"CausalLM.from_pretrained: {path!r} is not a local directory; models are "
+                "loaded offline from a folder written by save_pretrained"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model_kw = {} if dtype is None else {"dtype": dtype}
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **model_kw)
+        if device is not None:
+            model = model.to(device)
+        return cls(model.eval(), tokenizer, **kw)
+
+    def _replace(self, **changes) -> CausalLM:
+        """A shallow copy sharing the model, tokenizer and cached vocabulary id."""
+        new = copy.copy(self)
+        new.__dict__.update(changes)
+        return new
+
+    def given(self, prompt: Prompt) -> CausalLM:
+        """The conditional ``a(y | x = prompt)``; one string is shared by every row."""
+        return self._replace(prompt=_check_prompt(prompt))
+
+    def adapted(
+        self,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        typical_p: float | None = None,
+        eta: float | None = None,
+    ) -> CausalLM:
+        """A proposal with this adaptor chain (replacing any previous one), same model."""
+        return self._replace(adaptors=make_adaptors(temperature, top_k, top_p, typical_p, eta))
+
+    @property
+    def module(self) -> PreTrainedModel:
+        return self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def vocabulary_id(self) -> tuple:
+        """Size, EOS and a fingerprint of the token strings, so equal vocabularies match."""
+        vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda item: item[1])
+        digest = hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
+        return (self.vocab_size, self.eos_token_id, len(self.tokenizer), digest)
+
+    def _contexts(self, num_rows: int) -> list[str | None]:
+        """Each row's prompt under this distribution's ``prompt``."""
+        if isinstance(self.prompt, list):
+            if num_rows % len(self.prompt) != 0:
+                raise ConfigError(
+                    f"{num_rows} rows cannot be split over {len(self.prompt)} prompts; "
+                    "ask for a multiple of the number of prompts"
+                )
+            per_prompt = num_rows // len(self.prompt)
+            return [p for p in self.prompt for _ in range(per_prompt)]
+        return [self.prompt] * num_rows
+
+    def _encode_contexts(
+        self, contexts: Sequence[str | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded context ids and attention mask, so every row's next token is last."""
+        rows = []
+        for context in contexts:
+            ids = self.tokenizer(context)["input_ids"] if context else []
+            rows.append(list(ids) or [self.start_token_id])
+        width = max(len(r) for r in rows)
+        device = self.device
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[i, width - len(ids):] = 1
+        return input_ids.to(device), attention.to(device)
+
+    def _check_length(self, context_width: int, new_tokens: int) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and context_width + new_tokens > limit:
+            raise ConfigError(
+                f"prompt ({context_width} tokens) + max_new_tokens ({new_tokens}) exceeds the "
+                f"model's {limit} positions; shorten the prompt or lower max_new_tokens"
+            )
+
+    def _forward(
+        self, input_ids: torch.Tensor, attention: torch.Tensor, *, keep: int,
+        use_cache: bool = False, past=None,
+    ) -> tuple[torch.Tensor, object]:
+        """Logits of the last ``keep`` positions; positions count real tokens only (left pads)."""
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        kw = {"logits_to_keep": keep} if self._keeps_logits else {}
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions,
+            past_key_values=past, use_cache=use_cache, **kw,
+        )
+        return out.logits[:, -keep:], out.past_key_values
+
+    @torch.no_grad()
+    def sample_batch(self, num_samples: int) -> Sequences:
+        """Draw ``num_samples`` continuations with their exact log q (float64), KV cache on."""
+        contexts = self._contexts(num_samples)
+        input_ids, attention = self._encode_contexts(contexts)
+        self._check_length(input_ids.shape[1], self.max_new_tokens)
+        device = input_ids.device
+        finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        log_q = torch.zeros(num_samples, dtype=torch.float64, device=device)
+        steps: list[torch.Tensor] = []
+        logits, past = self._forward(input_ids, attention, keep=1, use_cache=True)
+        for step in range(self.max_new_tokens):
+            log_probs = adapted_log_probs(logits[:, -1], self.adaptors)
+            token = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
+            step_log_q = log_probs.gather(-1, token[:, None]).squeeze(-1)
+            log_q += torch.where(finished, 0.0, step_log_q.double())
+            token = torch.where(finished, self.pad_token_id, token)
+            steps.append(token)
+            if self.eos_token_id is not None:
+                finished |= token == self.eos_token_id
+            if step == self.max_new_tokens - 1 or bool(finished.all()):
+                break
+            attention = torch.cat([attention, attention.new_ones((num_samples, 1))], dim=1)
+            logits, past = self._forward(
+                token[:, None], attention, keep=1, use_cache=True, past=past
+            )
+        tokens = torch.stack(steps, dim=1)
+        return Sequences(
+            tokens=tokens,
+            mask=mask_through_eos(tokens, self.eos_token_id),
+            context=None if self.prompt is None else contexts,
+            log_q=log_q,
+            decoder=_decoder(self.tokenizer, self.eos_token_id),
+        )
+
+    def sequence_log_probs(self, value: Sequences, *, grad: bool) -> torch.Tensor:
+        """Log-probability of each row given its context, in one forward pass (float64 sum).
+
+        Tokens count up to and including the first EOS (and inside ``value.mask``); rows
+        without EOS are truncated prefixes. ``grad=True`` keeps the graph for training.
+        """
+        contexts = value.context if value.context is not None else self._contexts(len(value))
+        tokens = value.tokens.to(self.device)
+        mask = mask_through_eos(tokens, self.eos_token_id) & value.mask.to(self.device)
+        if tokens.shape[1] == 0:
+            return torch.zeros(len(value), dtype=torch.float64, device=self.device)
+        context_ids, context_attention = self._encode_contexts(contexts)
+        self._check_length(context_ids.shape[1], tokens.shape[1])
+        # The last token is scored, never conditioned on.
+        input_ids = torch.cat([context_ids, tokens[:, :-1]], dim=1)
+        attention = torch.cat([context_attention, torch.ones_like(tokens[:, :-1])], dim=1)
+        with torch.set_grad_enabled(grad):
+            logits, _ = self._forward(input_ids, attention, keep=tokens.shape[1])
+            log_probs = adapted_log_probs(logits, self.adaptors)
+            token_log_probs = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+            # where (not multiply): a token an adaptor removed is -inf, and -inf * 0 is nan.
+            token_log_probs = torch.where(mask, token_log_probs, 0.0)
+            return token_log_probs.double().sum(-1)
+
+    def log_prob(self, value: Sequences) -> torch.Tensor:
+        """``log a(y | x)`` per row (under the adaptor chain if any), without gradients."""
+        return self.sequence_log_probs(value, grad=False)
+
+
+def _check_prompt(prompt: Prompt) -> Prompt:
+    if isinstance(prompt, (list, tuple)):
+        if not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ConfigError("CausalLM prompt must be a string, a non-empty list of strings, or None")
+        return list(prompt)
+    if prompt is not None and not isinstance(prompt, str):
+        raise ConfigError(f"CausalLM prompt must be a string or a list of strings, got {prompt!r}")
+    return prompt
+
+
+def _decoder(tokenizer: PreTrainedTokenizerBase, eos_token_id: int | None) -> Decoder:
+    """Decode real tokens without the closing EOS, which is not part of the text."""
+
+    def decode(rows: list[list[int]]) -> list[str]:
+        trimmed = [r[:-1] if r and r[-1] == eos_token_id else r for r in rows]
+        return tokenizer.batch_decode(trimmed)
+
+    return decode

@@ -1,0 +1,244 @@
+"""`CausalLM`: cached log q equals one-pass log_prob, padding and EOS handling, loading."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import pyro
+import pytest
+import torch
+
+from bayesalign.errors import ConfigError, VocabularyMismatchError
+from bayesalign.models.causal_lm import CausalLM
+from bayesalign.models.tiny import stdlib_tokenizer, tiny_causal_lm, tiny_gpt2
+from bayesalign.sequences import Sequences
+
+PROMPTS = ["def f(x):", "import os\nimport sys\n\n", "x", "class Foo(object):\n    pass"]
+
+
+@pytest.fixture(scope="module")
+def lm() -> CausalLM:
+    # A wide initialisation gives peaky next-token laws (entropy ≈ 4 nats of 6.2), so the
+    # adaptors remove real mass instead of acting on a near-uniform distribution.
+    return tiny_causal_lm(seed=0, initializer_range=0.3, max_new_tokens=12)
+
+
+@contextmanager
+def eos_probability(lm: CausalLM, p: float):
+    """Make the model's EOS probability exactly ``p`` at every step (0 forbids EOS)."""
+    eos = lm.eos_token_id
+
+    def set_eos_logit(module, args, logits):
+        others = logits.clone()
+        others[..., eos] = float("-inf")
+        logits = logits.clone()
+        logits[..., eos] = others.logsumexp(-1) + math.log(p) - math.log1p(-p) if p else -math.inf
+        return logits
+
+    handle = lm.model.lm_head.register_forward_hook(set_eos_logit)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+ADAPTORS = {
+    "none": {},
+    "temperature": {"temperature": 0.7},
+    "top_k": {"top_k": 5},
+    "top_p": {"top_p": 0.9},
+    "typical": {"typical_p": 0.9},
+    "eta": {"eta": 0.01},
+    "chain": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "eta": 0.001},
+}
+
+
+@pytest.mark.parametrize("name", list(ADAPTORS))
+def test_sampled_log_q_equals_log_prob(lm: CausalLM, name: str) -> None:
+    torch.manual_seed(1)
+    proposal = lm.adapted(**ADAPTORS[name]).given(PROMPTS)
+    with eos_probability(lm, 0.15):
+        samples = proposal.sample_batch(16)
+        log_prob = proposal.log_prob(samples)
+    assert samples.log_q.dtype in (torch.float32, torch.float64)
+    assert torch.isfinite(samples.log_q).all()
+    torch.testing.assert_close(log_prob, samples.log_q, atol=1e-4, rtol=0)
+
+
+def test_adaptor_changes_the_law(lm: CausalLM) -> None:
+    torch.manual_seed(2)
+    samples = lm.adapted(top_k=5).sample_batch(8)
+    unadapted = lm.log_prob(samples)
+    assert (unadapted < samples.log_q - 1e-3).all()
+    assert torch.isfinite(unadapted).all()
+    # The un-adapted prior's samples mostly fall outside the top-5 support.
+    prior_samples = lm.sample_batch(8)
+    assert torch.isinf(lm.adapted(top_k=5).log_prob(prior_samples)).any()
+
+
+def test_samples_follow_their_log_q(lm: CausalLM) -> None:
+    """Empirical next-token frequencies match exp(log q): log q describes the sampler."""
+    torch.manual_seed(3)
+    one_step = CausalLM(lm.model, lm.tokenizer, max_new_tokens=1).adapted(top_k=4).given("def f(x):")
+    samples = one_step.sample_batch(4000)
+    tokens, inverse = samples.tokens[:, 0].unique(return_inverse=True)
+    assert len(tokens) == 4
+    first = torch.stack([(inverse == i).nonzero()[0, 0] for i in range(len(tokens))])
+    expected = samples.log_q[first].exp()
+    observed = torch.bincount(inverse).double() / len(samples)
+    torch.testing.assert_close(expected.sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(observed, expected, atol=0.03, rtol=0)
+
+
+def test_padded_batch_matches_single_unpadded_rows(lm: CausalLM) -> None:
+    torch.manual_seed(4)
+    batched = lm.given(PROMPTS)
+    with eos_probability(lm, 0.15):
+        samples = batched.sample_batch(8)
+        lengths = samples.lengths
+        assert lengths.min() < samples.tokens.shape[1], "some row should stop at EOS"
+        batch_log_prob = batched.log_prob(samples)
+        single = []
+        for i in range(len(samples)):
+            row = Sequences(tokens=samples.tokens[i : i + 1, : int(lengths[i])])
+            single.append(lm.given(samples.context[i]).log_prob(row))
+    single = torch.cat(single)
+    torch.testing.assert_close(single, samples.log_q, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch_log_prob, single, atol=1e-4, rtol=0)
+    assert samples.context == [p for p in PROMPTS for _ in range(2)]
+
+
+def test_context_in_value_overrides_prompt(lm: CausalLM) -> None:
+    torch.manual_seed(5)
+    samples = lm.given("def f(x):").sample_batch(3)
+    torch.testing.assert_close(lm.log_prob(samples), samples.log_q, atol=1e-4, rtol=0)
+    bare = Sequences(tokens=samples.tokens, mask=samples.mask)
+    assert not torch.allclose(lm.log_prob(bare), samples.log_q)
+
+
+def test_unconditional_samples_have_no_context(lm: CausalLM) -> None:
+    torch.manual_seed(6)
+    samples = lm.sample_batch(5)
+    assert samples.context is None
+    assert samples.tokens.shape == (5, lm.max_new_tokens)
+    assert len(samples.text) == 5
+
+
+def test_nothing_after_eos_inside_mask(lm: CausalLM) -> None:
+    torch.manual_seed(7)
+    with eos_probability(lm, 0.6):
+        samples = lm.sample_batch(64)
+    eos = lm.eos_token_id
+    is_eos = samples.tokens == eos
+    assert is_eos.any(dim=1).all(), "P(EOS) = 0.6 per step should end every row within 12 steps"
+    assert samples.tokens.shape[1] < lm.max_new_tokens, "the loop stops once all rows end"
+    first_eos = is_eos.long().argmax(dim=1)
+    positions = torch.arange(samples.tokens.shape[1])
+    torch.testing.assert_close(samples.mask, positions[None] <= first_eos[:, None])
+    # pad == EOS here: a mask built by `tokens != pad` would drop the EOS itself.
+    assert lm.pad_token_id == eos
+    after = positions[None] > first_eos[:, None]
+    assert (samples.tokens[after] == lm.pad_token_id).all()
+    assert (samples.tokens[samples.mask] == eos).sum() == len(samples)
+    assert all(not t.endswith("<|endoftext|>") for t in samples.text)
+
+
+def test_sample_without_eos_has_full_length(lm: CausalLM) -> None:
+    torch.manual_seed(8)
+    with eos_probability(lm, 0.0):
+        samples = lm.sample_batch(4)
+    assert samples.tokens.shape == (4, lm.max_new_tokens)
+    assert samples.mask.all()
+    assert (samples.lengths == lm.max_new_tokens).all()
+
+
+def test_truncated_prefix_is_scored_as_prefix(lm: CausalLM) -> None:
+    torch.manual_seed(9)
+    with eos_probability(lm, 0.0):
+        samples = lm.sample_batch(2)
+    prefix = Sequences(tokens=samples.tokens[:, :5])
+    full = lm.log_prob(samples)
+    assert (lm.log_prob(prefix) > full).all()
+
+
+def test_prompts_must_divide_the_batch(lm: CausalLM) -> None:
+    with pytest.raises(ConfigError, match="multiple"):
+        lm.given(PROMPTS).sample_batch(6)
+    with pytest.raises(ConfigError):
+        lm.given([])
+
+
+def test_too_long_for_the_positions(lm: CausalLM) -> None:
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        CausalLM(lm.model, lm.tokenizer, max_new_tokens=300).sample_batch(1)
+
+
+def test_gradient_variant(lm: CausalLM) -> None:
+    torch.manual_seed(10)
+    samples = lm.given("x = ").sample_batch(4)
+    log_probs = lm.given("x = ").sequence_log_probs(samples, grad=True)
+    assert log_probs.requires_grad
+    log_probs.sum().backward()
+    grad = lm.model.transformer.h[0].attn.c_attn.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    lm.model.zero_grad(set_to_none=True)
+    assert not lm.log_prob(samples).requires_grad
+
+
+def test_bf16_model_scores_in_float32() -> None:
+    lm = tiny_causal_lm(seed=1, initializer_range=0.3, max_new_tokens=8)
+    lm.model.to(torch.bfloat16)
+    torch.manual_seed(11)
+    samples = lm.sample_batch(4)
+    assert samples.log_q.dtype == torch.float64
+    # Cached and one-pass bf16 activations differ by rounding; only loosely equal.
+    torch.testing.assert_close(lm.log_prob(samples), samples.log_q, atol=0.5, rtol=0)
+
+
+def test_pyro_sample_site(lm: CausalLM) -> None:
+    torch.manual_seed(12)
+
+    def model() -> None:
+        pyro.sample("y", lm.given("def "))
+
+    trace = pyro.poutine.trace(model).get_trace()
+    site = trace.nodes["y"]
+    assert isinstance(site["value"], Sequences)
+    torch.testing.assert_close(
+        site["fn"].log_prob(site["value"]), site["value"].log_q, atol=1e-4, rtol=0
+    )
+
+
+def test_from_pretrained_round_trip(lm: CausalLM, tmp_path) -> None:
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    loaded = CausalLM.from_pretrained(tmp_path, max_new_tokens=lm.max_new_tokens)
+    assert loaded.vocabulary_id == lm.vocabulary_id
+    torch.manual_seed(13)
+    samples = lm.given(PROMPTS).sample_batch(4)
+    torch.testing.assert_close(loaded.log_prob(samples), lm.log_prob(samples), atol=1e-5, rtol=0)
+
+
+def test_unknown_bundled_name_and_missing_directory(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no bundled model named 'nope'"):
+        CausalLM.from_pretrained("bundled:nope")
+    with pytest.raises(ConfigError, match="not a local directory"):
+        CausalLM.from_pretrained(tmp_path / "missing")
+
+
+def test_vocabulary_mismatch() -> None:
+    tokenizer = stdlib_tokenizer(512)
+    small = tiny_gpt2(stdlib_tokenizer(300))
+    with pytest.raises(VocabularyMismatchError, match="512"):
+        CausalLM(small, tokenizer)
+
+
+def test_vocabulary_properties(lm: CausalLM) -> None:
+    assert lm.vocab_size == 512
+    assert lm.eos_token_id == lm.tokenizer.eos_token_id
+    assert lm.module is lm.model
+    assert lm.adapted(top_k=3).module is lm.model
+    assert lm.adapted(top_k=3).vocabulary_id == lm.vocabulary_id
+    other = tiny_causal_lm(vocab_size=300)
+    assert other.vocabulary_id != lm.vocabulary_id
