@@ -36,12 +36,10 @@ def evaluate(
         _fill_weight_stats(result, log_w)
     if posterior.exact_log_z is not None:
         result.log_z, result.log_z_se = posterior.exact_log_z, 0.0
-    if posterior.num_proposed:
-        accepted = len(posterior.samples) if posterior.log_weights is None else None
-        if accepted is not None and posterior.engine in ("Rejection", "QRS"):
-            rate = accepted / posterior.num_proposed
-            result.acceptance_rate = rate
-            result.acceptance_rate_se = math.sqrt(rate * (1 - rate) / posterior.num_proposed)
+    if posterior.num_accepted is not None:
+        rate = posterior.num_accepted / posterior.num_proposed
+        result.acceptance_rate = rate
+        result.acceptance_rate_se = math.sqrt(rate * (1 - rate) / posterior.num_proposed)
     if target.is_enumerable(context) and (posterior.law is not None or posterior.log_weights is not None):
         _fill_exact(result, target, posterior)
     else:

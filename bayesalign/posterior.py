@@ -24,7 +24,8 @@ class Posterior:
 
     - ``samples``: the engine's output draws; ``log_weights`` their unnormalised log-weights
       (SNIS, Exact) or None when they are equally weighted (Rejection, QRS, BoN).
-    - ``proposal_log_weights``: ``log P − log q`` of every proposal draw, for log Ẑ, ESS and k̂.
+    - ``proposal_log_weights``: ``log P − log q`` of every proposal draw, for log Ẑ, ESS and k̂;
+      ``num_accepted`` of ``num_proposed`` draws were accepted (Rejection, QRS).
     - ``law``: log-probability of the distribution the engine samples from, where it is known
       exactly (Exact and Rejection: p; QRS: p_β; BoN: its exact law; a trained policy: π).
     """
@@ -41,6 +42,7 @@ class Posterior:
         law: LogProb | None = None,
         policy: SequenceDistribution | None = None,
         num_proposed: int | None = None,
+        num_accepted: int | None = None,
         config: dict | None = None,
         history: list[dict] | None = None,
         exact_log_z: float | None = None,
@@ -56,6 +58,7 @@ class Posterior:
         self.law = law
         self.policy = policy
         self.num_proposed = num_proposed
+        self.num_accepted = num_accepted
         self.config = dict(config or {})
         self.history = list(history or [])
         self.exact_log_z = exact_log_z
@@ -143,6 +146,7 @@ class Posterior:
             "config": self.config,
             "history": self.history,
             "num_proposed": self.num_proposed,
+            "num_accepted": self.num_accepted,
             "exact_log_z": self.exact_log_z,
             "estimates": self.estimates,
             "extras": self.extras,
@@ -171,6 +175,7 @@ class Posterior:
             policy=policy,
             law=policy.log_prob if policy is not None else None,
             num_proposed=meta["num_proposed"],
+            num_accepted=meta["num_accepted"],
             config=meta["config"],
             history=meta["history"],
             exact_log_z=meta["exact_log_z"],

@@ -48,7 +48,7 @@ class _AcceptReject:
 
     def _run(
         self, target: Target, context: Any
-    ) -> tuple[Sequences, torch.Tensor, int, SequenceDistribution, SequenceDistribution]:
+    ) -> tuple[Sequences, torch.Tensor, int, int, SequenceDistribution]:
         prior, proposal = resolve_proposal(target, self.proposal, context)
         log_m = self._log_envelope()
         limit = self.max_proposals or 1000 * self.num_samples
@@ -74,7 +74,7 @@ class _AcceptReject:
                 "below 1/proposals); check the constraints or raise max_proposals"
             )
         samples = Sequences.cat(accepted)[: self.num_samples]
-        return samples, torch.cat(all_log_w), proposed, prior, proposal
+        return samples, torch.cat(all_log_w), num_accepted, proposed, proposal
 
     def _exact_law(self, target: Target, context: Any, proposal: SequenceDistribution):
         """``log min(P, M q) − log Z_M`` on enumerable worlds (= log p when M ≥ max P/q)."""
@@ -116,16 +116,17 @@ class Rejection(_AcceptReject):
             )
 
     def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
-        prior, proposal = resolve_proposal(target, self.proposal, context)
+        _, proposal = resolve_proposal(target, self.proposal, context)
         if target.is_enumerable(context):
             support = target.support(context)
             self._check(support, target.log_score(support, context)
                         - proposal.log_prob(support).detach().double(), 0)
-        samples, log_w, proposed, _, proposal = self._run(target, context)
+        samples, log_w, accepted, proposed, proposal = self._run(target, context)
         posterior = Posterior(
             samples, engine=self.name, target=target, context=context,
             proposal_log_weights=log_w, law=self._exact_law(target, context, proposal),
-            num_proposed=proposed, config={"bound": self.bound, "num_samples": self.num_samples},
+            num_proposed=proposed, num_accepted=accepted,
+            config={"bound": self.bound, "num_samples": self.num_samples},
         )
         posterior.diagnostics = evaluate(target, posterior)
         return posterior
@@ -146,12 +147,12 @@ class QRS(_AcceptReject):
         return math.log(self.qrs_beta)
 
     def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
-        samples, log_w, proposed, _, proposal = self._run(target, context)
+        samples, log_w, accepted, proposed, proposal = self._run(target, context)
         curve = qrs_estimates(log_w, [self.qrs_beta])
         posterior = Posterior(
             samples, engine=self.name, target=target, context=context,
             proposal_log_weights=log_w, law=self._exact_law(target, context, proposal),
-            num_proposed=proposed,
+            num_proposed=proposed, num_accepted=accepted,
             config={"qrs_beta": self.qrs_beta, "num_samples": self.num_samples},
             estimates={"tvd": curve.tvd[0], "kl_target_policy": curve.kl[0]},
             extras={"qrs_beta": self.qrs_beta},
@@ -169,12 +170,11 @@ class QRS(_AcceptReject):
         prior, proposal = resolve_proposal(target, self.proposal, context)
         with seeded(self.seed):
             _, log_w = weighted_draws(target, prior, proposal, self.num_samples, context)
-            curves = qrs_estimates(log_w.cpu(), qrs_betas)
+            log_w = log_w.cpu()
+            curves = qrs_estimates(log_w, qrs_betas)
             index = torch.randint(len(log_w), (num_bootstrap, len(log_w)))
-            boot = [qrs_estimates(log_w.cpu()[row], qrs_betas) for row in index]
-        curves.acceptance_rate_se = _sd([b.acceptance_rate for b in boot])
-        curves.tvd_se = _sd([b.tvd for b in boot])
-        curves.kl_se = _sd([b.kl for b in boot])
+        boot = _qrs_estimates_batched(log_w[index], qrs_betas)
+        curves.acceptance_rate_se, curves.tvd_se, curves.kl_se = (b.std(0).tolist() for b in boot)
         return curves
 
 
@@ -193,22 +193,25 @@ class QRSCurves:
 
 def qrs_estimates(log_w: torch.Tensor, qrs_betas: list[float]) -> QRSCurves:
     """SPEC §4.2 estimators from ``log w = log P − log q`` of draws from q."""
-    log_w = log_w.double()
-    n = log_w.numel()
-    log_z = torch.logsumexp(log_w, 0) - math.log(n)
-    w_over_z = torch.exp(log_w - log_z)
-    ar, tvd, kl = [], [], []
-    for beta in qrs_betas:
-        log_clip = torch.clamp(log_w, max=math.log(beta))
-        log_z_beta = torch.logsumexp(log_clip, 0) - math.log(n)
-        ar.append(float(torch.exp(log_z_beta) / beta))
-        tvd.append(float(0.5 * (w_over_z - torch.exp(log_clip - log_z_beta)).abs().mean()))
-        # KL(p‖p_β) = −log Ẑ + mean[(w/Ẑ)(log w − (log clip − log Ẑ_β))] with log P − log q = log w
-        terms = torch.where(w_over_z > 0, w_over_z * (log_w - log_clip + log_z_beta),
-                            torch.zeros_like(w_over_z))
-        kl.append(float(-log_z + terms.mean()))
-    return QRSCurves(list(qrs_betas), ar, tvd, kl)
+    ar, tvd, kl = _qrs_estimates_batched(log_w.double().unsqueeze(0), qrs_betas)
+    return QRSCurves(list(qrs_betas), ar[0].tolist(), tvd[0].tolist(), kl[0].tolist())
 
 
-def _sd(rows: list[list[float]]) -> list[float]:
-    return torch.tensor(rows, dtype=torch.float64).std(0).tolist()
+def _qrs_estimates_batched(
+    log_w: torch.Tensor, qrs_betas: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AR, TVD and KL for each row of ``log_w`` [rows, N] and each β_q: ``[rows, len(β)]``."""
+    n = log_w.shape[-1]
+    log_z = torch.logsumexp(log_w, -1, keepdim=True) - math.log(n)
+    w_over_z = torch.exp(log_w - log_z).unsqueeze(1)
+    log_betas = torch.tensor([math.log(b) for b in qrs_betas], dtype=log_w.dtype)
+    log_clip = torch.minimum(log_w.unsqueeze(1), log_betas[:, None])
+    log_z_beta = torch.logsumexp(log_clip, -1, keepdim=True) - math.log(n)
+    ar = torch.exp(log_z_beta.squeeze(-1) - log_betas)
+    tvd = 0.5 * (w_over_z - torch.exp(log_clip - log_z_beta)).abs().mean(-1)
+    # KL(p‖p_β) = −log Ẑ + mean[(w/Ẑ)(log w − log min(w, β_q) + log Ẑ_β)]
+    terms = torch.where(
+        w_over_z > 0, w_over_z * (log_w.unsqueeze(1) - log_clip + log_z_beta), 0.0
+    )
+    kl = terms.mean(-1) - log_z
+    return ar, tvd, kl

@@ -34,10 +34,14 @@ def _check_table(name: str, table: torch.Tensor, atol: float = 1e-6) -> None:
 class TabularLogits(torch.nn.Module):
     """The trainable parameters of a `TabularLM`: unnormalised log-probability tables."""
 
-    def __init__(self, initial_logits: torch.Tensor, transition_logits: torch.Tensor) -> None:
+    def __init__(
+        self, initial_logits: torch.Tensor, transition_logits: torch.Tensor, trainable: bool
+    ) -> None:
         super().__init__()
-        self.initial_logits = torch.nn.Parameter(initial_logits.clone())
-        self.transition_logits = torch.nn.Parameter(transition_logits.clone())
+        self.initial_logits = torch.nn.Parameter(initial_logits.clone(), requires_grad=trainable)
+        self.transition_logits = torch.nn.Parameter(
+            transition_logits.clone(), requires_grad=trainable
+        )
 
 
 class TabularLM(SequenceDistribution):
@@ -61,7 +65,7 @@ class TabularLM(SequenceDistribution):
             transition = torch.as_tensor(transition, dtype=torch.float64)
             _check_table("initial", initial.reshape(-1))
             _check_table("transition", transition)
-            logits = TabularLogits(initial.log(), transition.log())
+            logits = TabularLogits(initial.log(), transition.log(), trainable=False)
         order = logits.transition_logits.dim() - 1
         vocab = logits.transition_logits.shape[-1]
         if logits.initial_logits.dim() != order or any(
@@ -92,7 +96,7 @@ class TabularLM(SequenceDistribution):
     def trainable_copy(self) -> TabularLM:
         """A policy initialised at this distribution with its own parameters."""
         copy = TabularLogits(
-            self.logits.initial_logits.detach(), self.logits.transition_logits.detach()
+            self.logits.initial_logits.detach(), self.logits.transition_logits.detach(), True
         )
         return TabularLM(None, None, self.length, self.eos_token_id, logits=copy)
 

@@ -1,0 +1,54 @@
+"""Shared worlds for the tests: SPEC §10 Toy A and brute-force oracles independent of the library."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pyro
+import pytest
+import torch
+
+import bayesalign as ba
+from bayesalign.models import TabularLM
+
+P1 = [0.5, 0.3, 0.2]
+T = [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4]]
+
+
+def toy_a_prior() -> TabularLM:
+    return TabularLM(torch.tensor(P1, dtype=torch.float64), torch.tensor(T, dtype=torch.float64), 3)
+
+
+def toy_a_target(kl_coef: float = 1.0, prior: TabularLM | None = None) -> ba.Target:
+    prior = prior or toy_a_prior()
+
+    @ba.target
+    def toy_a():
+        y = pyro.sample("y", prior)
+        ba.reward("r", (y.tokens == 2).sum(-1).double(), kl_coef=kl_coef)
+
+    return toy_a
+
+
+def brute_force_toy_a(kl_coef: float) -> dict[str, float]:
+    """Z, E_p r, KL(p‖a), KL(a‖p) by a plain Python loop over the 27 sequences."""
+    a, r = {}, {}
+    for x in itertools.product(range(3), repeat=3):
+        a[x] = P1[x[0]] * T[x[0]][x[1]] * T[x[1]][x[2]]
+        r[x] = sum(t == 2 for t in x)
+    z = sum(a[x] * math.exp(r[x] / kl_coef) for x in a)
+    p = {x: a[x] * math.exp(r[x] / kl_coef) / z for x in a}
+    return {
+        "z": z,
+        "reward": sum(p[x] * r[x] for x in a),
+        "kl_p_a": sum(p[x] * math.log(p[x] / a[x]) for x in a),
+        "kl_a_p": sum(a[x] * math.log(a[x] / p[x]) for x in a),
+        "p": p,
+        "a": a,
+    }
+
+
+@pytest.fixture
+def toy_a() -> ba.Target:
+    return toy_a_target(1.0)

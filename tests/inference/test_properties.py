@@ -1,0 +1,89 @@
+"""Property-based tests over random small tabular worlds (hypothesis): Exact vs brute force,
+SNIS and QRS vs Exact."""
+
+import itertools
+import math
+
+import pyro
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bayesalign as ba
+from bayesalign.inference import QRS, Exact, Importance
+from bayesalign.models import TabularLM
+
+
+@st.composite
+def worlds(draw):
+    vocab = draw(st.integers(2, 4))
+    length = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    kl_coef = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    use_eos = draw(st.booleans()) and length > 1
+    g = torch.Generator().manual_seed(seed)
+    initial = torch.rand(vocab, generator=g, dtype=torch.float64) + 0.05
+    transition = torch.rand(vocab, vocab, generator=g, dtype=torch.float64) + 0.05
+    reward = torch.randn(vocab, generator=g, dtype=torch.float64)
+    return (initial / initial.sum(), transition / transition.sum(-1, keepdim=True), length,
+            vocab - 1 if use_eos else None, reward, kl_coef)
+
+
+def make_target(world):
+    initial, transition, length, eos, reward, kl_coef = world
+    prior = TabularLM(initial, transition, length, eos_token_id=eos)
+
+    @ba.target
+    def random_world():
+        y = pyro.sample("y", prior)
+        ba.reward("r", (reward[y.tokens] * y.mask).sum(-1), kl_coef=kl_coef)
+
+    return random_world
+
+
+def brute_force(world):
+    """log Z by a Python loop over every token string, EOS ending a sequence."""
+    initial, transition, length, eos, reward, kl_coef = world
+    total = 0.0
+    seen = set()
+    for x in itertools.product(range(len(initial)), repeat=length):
+        if eos is not None and eos in x:
+            x = x[: x.index(eos) + 1]
+        if x in seen:
+            continue
+        seen.add(x)
+        a = float(initial[x[0]]) * math.prod(float(transition[s, t]) for s, t in zip(x, x[1:]))
+        total += a * math.exp(sum(float(reward[t]) for t in x) / kl_coef)
+    return math.log(total), len(seen)
+
+
+settings_ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings_
+@given(worlds())
+def test_exact_matches_brute_force(world):
+    post = Exact().fit(make_target(world))
+    log_z, size = brute_force(world)
+    assert len(post.samples) == size
+    assert post.log_z == pytest.approx(log_z, abs=1e-10)
+    assert float(post.log_prob(post.samples).exp().sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds(), st.integers(0, 1000))
+def test_snis_and_qrs_agree_with_exact(world, seed):
+    target = make_target(world)
+    exact = Exact().fit(target)
+    d = Importance(num_samples=20_000, seed=seed).fit(target).diagnostics
+    # 4 standard errors: 10 examples × one check each keep the false-alarm rate small.
+    assert abs(d.log_z - exact.log_z) < 4 * d.log_z_se + 1e-9
+    support = exact.samples
+    max_ratio = float((target.log_score(support) - support.log_q).max().exp())
+    betas = [0.5 * max_ratio, max_ratio * 1.01]
+    curves = QRS(num_samples=5000, seed=seed).sweep(target, betas, num_bootstrap=100)
+    for i, qrs_beta in enumerate(betas):
+        exact_tvd = QRS(qrs_beta=qrs_beta, num_samples=10, seed=seed).fit(target).diagnostics.tvd
+        assert abs(curves.tvd[i] - exact_tvd) < 4 * curves.tvd_se[i] + 1e-9
+    assert exact_tvd == pytest.approx(0.0, abs=1e-12)  # β_q ≥ max P/q: exact rejection
