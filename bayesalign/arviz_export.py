@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,5 +41,7 @@ def posterior_to_arviz(posterior: Posterior) -> arviz.InferenceData:
     data = az.from_dict(posterior=draws, sample_stats=stats, attrs=attrs)
     if posterior.proposal_log_weights is not None:
         log_w = posterior.proposal_log_weights.double().cpu().numpy()[None]
-        data.add_groups({"proposal_stats": {"log_weight": log_w}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # arviz notes that it adds chain/draw dims
+            data.add_groups({"proposal_stats": {"log_weight": log_w}})
     return data

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .diagnostics import Diagnostics
 from .distribution import SequenceDistribution
@@ -136,11 +136,11 @@ class Posterior:
                 tensors[name] = getattr(self, name)
         if self.samples.log_q is not None:
             tensors["log_q"] = self.samples.log_q
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()},
                   str(path / "samples.safetensors"))
         if self.policy is not None and self.policy.module is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.policy.module.state_dict().items()}
-            save_file(state, str(path / "policy.safetensors"))
+            # save_model de-duplicates tied weights (e.g. GPT-2's lm_head and embeddings).
+            save_model(self.policy.module, str(path / "policy.safetensors"))
         meta = {
             "engine": self.engine,
             "config": self.config,
@@ -166,7 +166,7 @@ class Posterior:
         if policy is not None:
             if not (path / "policy.safetensors").exists():
                 raise BayesAlignError(f"{path} holds no policy weights")
-            policy.module.load_state_dict(load_file(str(path / "policy.safetensors")))
+            load_model(policy.module, str(path / "policy.safetensors"))
         post = cls(
             samples,
             engine=meta["engine"],
