@@ -17,8 +17,9 @@ from .sequences import Sequences
 class SequenceDistribution(TorchDistribution):
     """A distribution over token sequences with batched sampling and exact log-probabilities.
 
-    Subclasses set ``vocab_size`` and ``eos_token_id`` and implement ``sample_batch`` and
-    ``log_prob``; enumerable ones also implement ``enumerate_support``. ``module`` is the
+    Subclasses set ``vocab_size`` and ``eos_token_id`` and implement ``sample_batch``,
+    ``log_prob`` and ``token_log_probs``; enumerable ones also implement ``enumerate_support``.
+    ``module`` is the
     ``torch.nn.Module`` holding trainable parameters, or None for a fixed distribution.
     """
 
@@ -49,6 +50,14 @@ class SequenceDistribution(TorchDistribution):
 
     def log_prob(self, value: Sequences) -> torch.Tensor:
         raise NotImplementedError
+
+    def token_log_probs(self, value: Sequences) -> torch.Tensor:
+        """Per-position log-probabilities ``[batch, length]`` (0 outside the mask), with grad."""
+        raise NotImplementedError
+
+    def trainable_copy(self) -> SequenceDistribution:
+        """A policy initialised at this distribution with its own trainable parameters."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained")
 
     def enumerate_support(self, expand: bool = False) -> Sequences:
         raise NotEnumerableError(

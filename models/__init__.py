@@ -1,9 +1,11 @@
 """What a target is made of: priors over token sequences, sampling adaptors, scorers."""
 
 from .adaptors import Eta, Temperature, TopK, TopP, Typical, make_adaptors
+from .causal_lm import CausalLM
 from .tabular import TabularLM, TabularLogits
 
 __all__ = [
+    "CausalLM",
     "Eta",
     "TabularLM",
     "TabularLogits",

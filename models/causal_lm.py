@@ -68,8 +68,9 @@ class CausalLM(SequenceDistribution):
         self.adaptors = tuple(adaptors)
         self.prompt = _check_prompt(prompt)
         self.eos_token_id = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
+        # Pad fills rows after their EOS; it is never read (masks are built by position).
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self.pad_token_id = pad if pad is not None else 0
         # Start token for an empty context: a causal LM needs one position to predict from.
         bos = tokenizer.bos_token_id
         self.start_token_id = bos if bos is not None else self.pad_token_id
@@ -160,10 +161,11 @@ class CausalLM(SequenceDistribution):
         self, contexts: Sequence[str | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded context ids and attention mask, so every row's next token is last."""
-        rows = []
-        for context in contexts:
-            ids = self.tokenizer(context)["input_ids"] if context else []
-            rows.append(list(ids) or [self.start_token_id])
+        encoded = {
+            context: list(self.tokenizer(context)["input_ids"]) if context else []
+            for context in dict.fromkeys(contexts)
+        }
+        rows = [encoded[context] or [self.start_token_id] for context in contexts]
         width = max(len(r) for r in rows)
         device = self.device
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -174,8 +176,10 @@ class CausalLM(SequenceDistribution):
         return input_ids.to(device), attention.to(device)
 
     def _check_length(self, context_width: int, new_tokens: int) -> None:
+        """Fail clearly where a model with learned positions would index past its table."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and context_width + new_tokens > limit:
+        # The last new token is predicted, never fed: context_width + new_tokens - 1 positions.
+        if limit is not None and context_width + new_tokens - 1 > limit:
             raise ConfigError(
                 f"prompt ({context_width} tokens) + max_new_tokens ({new_tokens}) exceeds the "
                 f"model's {limit} positions; shorten the prompt or lower max_new_tokens"
@@ -229,39 +233,47 @@ class CausalLM(SequenceDistribution):
             decoder=_decoder(self.tokenizer, self.eos_token_id),
         )
 
-    def sequence_log_probs(self, value: Sequences, *, grad: bool) -> torch.Tensor:
-        """Log-probability of each row given its context, in one forward pass (float64 sum).
+    def token_log_probs(self, value: Sequences) -> torch.Tensor:
+        """Per-token log-probabilities ``[batch, length]`` (float64, 0 outside the mask).
 
-        Tokens count up to and including the first EOS (and inside ``value.mask``); rows
-        without EOS are truncated prefixes. ``grad=True`` keeps the graph for training.
+        One forward pass over context + tokens; tokens count up to and including the first EOS
+        (and inside ``value.mask``); rows without EOS are truncated prefixes. Follows torch's
+        grad mode, so training calls it with gradients and `log_prob` without.
         """
         contexts = value.context if value.context is not None else self._contexts(len(value))
         tokens = value.tokens.to(self.device)
         mask = mask_through_eos(tokens, self.eos_token_id) & value.mask.to(self.device)
         if tokens.shape[1] == 0:
-            return torch.zeros(len(value), dtype=torch.float64, device=self.device)
+            return torch.zeros(tokens.shape, dtype=torch.float64, device=self.device)
         context_ids, context_attention = self._encode_contexts(contexts)
         self._check_length(context_ids.shape[1], tokens.shape[1])
         # The last token is scored, never conditioned on.
         input_ids = torch.cat([context_ids, tokens[:, :-1]], dim=1)
         attention = torch.cat([context_attention, torch.ones_like(tokens[:, :-1])], dim=1)
-        with torch.set_grad_enabled(grad):
-            logits, _ = self._forward(input_ids, attention, keep=tokens.shape[1])
-            log_probs = adapted_log_probs(logits, self.adaptors)
-            token_log_probs = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
-            # where (not multiply): a token an adaptor removed is -inf, and -inf * 0 is nan.
-            token_log_probs = torch.where(mask, token_log_probs, 0.0)
-            return token_log_probs.double().sum(-1)
+        logits, _ = self._forward(input_ids, attention, keep=tokens.shape[1])
+        log_probs = adapted_log_probs(logits, self.adaptors)
+        per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        # where (not multiply): a token an adaptor removed is -inf, and -inf * 0 is nan.
+        return torch.where(mask, per_token, 0.0).double()
 
     def log_prob(self, value: Sequences) -> torch.Tensor:
         """``log a(y | x)`` per row (under the adaptor chain if any), without gradients."""
-        return self.sequence_log_probs(value, grad=False)
+        with torch.no_grad():
+            return self.token_log_probs(value).sum(-1)
+
+    def trainable_copy(self) -> CausalLM:
+        """A policy initialised at this LM with its own (deep-copied, trainable) weights."""
+        model = copy.deepcopy(self.model)
+        model.requires_grad_(True)
+        return self._replace(model=model)
 
 
 def _check_prompt(prompt: Prompt) -> Prompt:
     if isinstance(prompt, (list, tuple)):
         if not prompt or not all(isinstance(p, str) for p in prompt):
-            raise ConfigError("CausalLM prompt must be a string, a non-empty list of strings, or None")
+            raise ConfigError(
+                "CausalLM prompt must be a string, a non-empty list of strings, or None"
+            )
         return list(prompt)
     if prompt is not None and not isinstance(prompt, str):
         raise ConfigError(f"CausalLM prompt must be a string or a list of strings, got {prompt!r}")

@@ -144,9 +144,24 @@ class TabularLM(SequenceDistribution):
 
     def log_prob(self, value: Sequences) -> torch.Tensor:
         """Exact log-probability (float64); differentiable in the logits for training."""
-        return self._log_prob_of(value, self._initial_log_probs(), self._transition_log_probs())
+        return self.token_log_probs(value).sum(-1)
+
+    def token_log_probs(self, value: Sequences) -> torch.Tensor:
+        """Per-position log-probabilities ``[batch, length]``, 0 outside the mask.
+
+        The first ``order`` tokens are scored jointly by the initial table, so their joint
+        log-probability sits at position ``order − 1``.
+        """
+        return self._token_log_probs(
+            value, self._initial_log_probs(), self._transition_log_probs()
+        )
 
     def _log_prob_of(
+        self, value: Sequences, init: torch.Tensor, trans: torch.Tensor
+    ) -> torch.Tensor:
+        return self._token_log_probs(value, init, trans).sum(-1)
+
+    def _token_log_probs(
         self, value: Sequences, init: torch.Tensor, trans: torch.Tensor
     ) -> torch.Tensor:
         tokens, mask = value.tokens.to(init.device), value.mask.to(init.device)
@@ -156,12 +171,12 @@ class TabularLM(SequenceDistribution):
             raise ConfigError(f"sequences shorter than the n-gram context {self.order}")
         vocab, order = self.vocab_size, self.order
         first_index = sum(tokens[:, i] * vocab ** (order - 1 - i) for i in range(order))
-        total = init[first_index]
+        columns = [torch.zeros_like(init[first_index])] * (order - 1) + [init[first_index]]
         for t in range(order, tokens.shape[1]):
             history = tuple(tokens[:, t - order + i] for i in range(order))
             step = trans[history + (tokens[:, t],)]
-            total = total + torch.where(mask[:, t], step, torch.zeros_like(step))
-        return total
+            columns.append(torch.where(mask[:, t], step, torch.zeros_like(step)))
+        return torch.stack(columns, dim=-1)
 
     def enumerate_support(self, expand: bool = False) -> Sequences:
         """Every sequence with non-zero mass under this (possibly adapted) LM, with exact ``log_q``."""

@@ -8,7 +8,7 @@ import torch
 from conftest import P1, T
 
 import bayesalign as ba
-from bayesalign.inference import Exact, Importance, QRS, Rejection
+from bayesalign.inference import QRS, Exact, Importance, Rejection
 from bayesalign.models import TabularLM
 from bayesalign.sequences import Sequences
 

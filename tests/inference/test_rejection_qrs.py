@@ -72,7 +72,7 @@ SPEC_QRS = [  # β_q, AR, TVD(p, p_β), KL(p‖p_β)
 
 def test_qrs_exact_table_and_engine_law(toy_a):
     betas = [row[0] for row in SPEC_QRS]
-    for (beta, ar, tv, kl_), (ar_e, tv_e, kl_e) in zip(SPEC_QRS, qrs_exact(toy_a, betas)):
+    for (_, ar, tv, kl_), (ar_e, tv_e, kl_e) in zip(SPEC_QRS, qrs_exact(toy_a, betas)):
         assert ar_e == pytest.approx(ar, abs=1e-9)
         assert tv_e == pytest.approx(tv, abs=1e-6)
         assert kl_e == pytest.approx(kl_, abs=1e-8)

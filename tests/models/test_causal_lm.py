@@ -80,7 +80,8 @@ def test_adaptor_changes_the_law(lm: CausalLM) -> None:
 def test_samples_follow_their_log_q(lm: CausalLM) -> None:
     """Empirical next-token frequencies match exp(log q): log q describes the sampler."""
     torch.manual_seed(3)
-    one_step = CausalLM(lm.model, lm.tokenizer, max_new_tokens=1).adapted(top_k=4).given("def f(x):")
+    one_step = CausalLM(lm.model, lm.tokenizer, max_new_tokens=1, prompt="def f(x):")
+    one_step = one_step.adapted(top_k=4)
     samples = one_step.sample_batch(4000)
     tokens, inverse = samples.tokens[:, 0].unique(return_inverse=True)
     assert len(tokens) == 4
@@ -177,7 +178,7 @@ def test_too_long_for_the_positions(lm: CausalLM) -> None:
 def test_gradient_variant(lm: CausalLM) -> None:
     torch.manual_seed(10)
     samples = lm.given("x = ").sample_batch(4)
-    log_probs = lm.given("x = ").sequence_log_probs(samples, grad=True)
+    log_probs = lm.given("x = ").token_log_probs(samples).sum(-1)
     assert log_probs.requires_grad
     log_probs.sum().backward()
     grad = lm.model.transformer.h[0].attn.c_attn.weight.grad
