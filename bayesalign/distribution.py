@@ -19,8 +19,7 @@ class SequenceDistribution(TorchDistribution):
 
     Subclasses set ``vocab_size`` and ``eos_token_id`` and implement ``sample_batch``,
     ``log_prob`` and ``token_log_probs``; enumerable ones also implement ``enumerate_support``.
-    ``module`` is the
-    ``torch.nn.Module`` holding trainable parameters, or None for a fixed distribution.
+    ``module`` is the ``torch.nn.Module`` holding trainable parameters, or None if fixed.
     """
 
     arg_constraints: dict = {}

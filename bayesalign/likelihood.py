@@ -52,9 +52,8 @@ def constraint(name: str, mask: torch.Tensor) -> torch.Tensor:
 def moment(name: str, phi: torch.Tensor, mean: float | torch.Tensor) -> torch.Tensor:
     """Declare ``E_p[φ] = μ̄``: factor ``λ·φ(y)`` with λ fitted by the dual (SPEC §1.3).
 
-    Until λ is given (``Target.with_lambdas``, `MomentLambdas`) the factor is 0, i.e. the site
-    leaves the prior
-    unchanged; ``phi`` is ``[batch]`` for one feature or ``[batch, k]`` for ``k``.
+    Until λ is given (``Target.with_lambdas``, `MomentLambdas`) the factor is 0: the site
+    leaves the prior unchanged. ``phi`` is ``[batch]`` for one feature or ``[batch, k]`` for ``k``.
     """
     phi = torch.as_tensor(phi, dtype=torch.float64)
     mean = torch.as_tensor(mean, dtype=torch.float64)
