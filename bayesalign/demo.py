@@ -56,7 +56,7 @@ class DemoSizes:
     def for_mode(cls, quick: bool) -> DemoSizes:
         if quick:
             return cls(1000, 4000, 50, 512, 128, 64, 256, 16)
-        return cls(4000, 20000, 200, 2048, 512, 256, 512, 16)
+        return cls(10000, 20000, 200, 4096, 1024, 512, 512, 16)
 
 
 def toy_a_target(kl_coef: float = 1.0) -> ba.Target:
@@ -267,8 +267,9 @@ def _toy_a_report(toy: dict[str, Any]) -> str:
         "1.0832720945.",
         _table(toy["rows"], columns),
         f"Rejection uses M = ⌈max P/q⌉ = {toy['rejection_bound']:g} (max P/q = e³); its exact "
-        f"acceptance rate is Z/M = {z / toy['rejection_bound']:.4f}. k̂ = -inf: the largest "
-        "weights are tied (bounded weights, no Pareto tail).",
+        f"acceptance rate is Z/M = {z / toy['rejection_bound']:.4f}. k̂ is the Pareto tail index "
+        "of the proposal weights: reliable below 0.7, and -inf when the largest weights are "
+        "tied (bounded weights have no tail).",
         f"### QRS sweep: IS estimates from one sample of {toy['sweep_samples']} prior draws "
         "(± bootstrap se) against enumeration",
         _table(sweep_rows, sweep_columns),

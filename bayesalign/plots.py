@@ -62,11 +62,14 @@ def _bars(ax: Axes, labels: list[str], values: list[float | None],
     if errors is not None and any(e is not None for e in errors):
         yerr = [e if e is not None else 0.0 for e in errors]
     bars = ax.bar(range(len(labels)), heights, yerr=yerr, capsize=3, color="tab:blue", alpha=0.8)
-    for bar, value in zip(bars, values, strict=True):
+    for i, (bar, value) in enumerate(zip(bars, values, strict=True)):
         text = "n/a" if value is None else f"{value:.3g}"
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom" if bar.get_height() >= 0 else "top", fontsize=7,
-                    xytext=(0, 2), textcoords="offset points")
+        # Write the value beyond the bar's end and its error bar, above or below the axis.
+        up = bar.get_height() >= 0
+        reach = (yerr[i] if yerr is not None else 0.0) * (1 if up else -1)
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + reach),
+                    ha="center", va="bottom" if up else "top", fontsize=7,
+                    xytext=(0, 2 if up else -2), textcoords="offset points")
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.margins(y=0.15)
@@ -131,10 +134,14 @@ def plot_qrs_tradeoff(
         if exact is not None:
             ax_trade.plot(exact.acceptance_rate, getattr(exact, name), "-", color=colour,
                           alpha=0.6, label=f"{label} (exact)")
-    labelled = zip(curves.qrs_beta, curves.acceptance_rate, curves.tvd, strict=True)
-    for beta, rate, distance in labelled:
-        ax_trade.annotate(f"{beta:g}", (rate, distance), fontsize=7, xytext=(3, 3),
-                          textcoords="offset points")
+    # β_q ≤ min P/q all give p_β = q, one point: label it once with every β_q it stands for.
+    labels: dict[tuple[float, float], list[str]] = {}
+    for beta, rate, distance in zip(curves.qrs_beta, curves.acceptance_rate, curves.tvd,
+                                    strict=True):
+        labels.setdefault((round(rate, 9), round(distance, 9)), []).append(f"{beta:g}")
+    for (rate, distance), betas in labels.items():
+        ax_trade.annotate(", ".join(betas), (rate, distance), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points", ha="right" if rate > 0.9 else "left")
     ax_trade.set_xlabel("acceptance rate (labels: β_q)")
     ax_trade.set_ylabel("distance to the target")
     ax_trade.set_title("quality vs efficiency")
@@ -152,15 +159,19 @@ def plot_reward_kl_frontier(points: Sequence[Row], path: str | Path) -> Path:
     """
     fig, (ax,) = _figure(1, width=5.5, height=4.0)
     engines = list(dict.fromkeys(str(p["engine"]) for p in points))
-    for engine in engines:
+    for index, engine in enumerate(engines):
         mine = sorted((p for p in points if str(p["engine"]) == engine),
                       key=lambda p: float(p["kl_policy_prior"]))
         kls = [float(p["kl_policy_prior"]) for p in mine]
         rewards = [float(p["reward"]) for p in mine]
         ax.plot(kls, rewards, "o-", markersize=5, label=engine)
+        # Alternate label sides by engine so labels of nearby points from two curves separate.
+        above = index % 2 == 0
         for point, kl_value, reward_value in zip(mine, kls, rewards, strict=True):
             ax.annotate(_point_label(point), (kl_value, reward_value), fontsize=7,
-                        xytext=(4, -8), textcoords="offset points")
+                        ha="right" if above else "left", va="bottom" if above else "top",
+                        xytext=(-4, 4) if above else (4, -4), textcoords="offset points")
+    ax.margins(0.08)
     ax.set_xlabel("KL(π‖a)")
     ax.set_ylabel("E_π[r]")
     ax.set_title("reward vs KL to the prior")
