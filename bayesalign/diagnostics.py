@@ -58,9 +58,10 @@ def pareto_k(log_w: torch.Tensor) -> float:
     log_w = _finite_mass(log_w, "Pareto k̂").cpu().numpy()
     finite = np.sort(log_w[np.isfinite(log_w)])
     tail = math.ceil(min(0.2 * finite.size, 3 * math.sqrt(finite.size)))
-    if finite.size < 5 or finite[-tail] == finite[-1]:
-        # The upper tail is an atom at the largest weight (bounded weights, as on discrete
-        # worlds): there is no heavy tail, and a Pareto fit to identical values is undefined.
+    if finite.size < 5 or np.unique(finite[-tail:]).size < tail / 2:
+        # The upper tail is made of a few repeated values (an atom at the largest weight, or the
+        # finitely many weights of a small discrete world): the weights are bounded, there is no
+        # heavy tail, and a generalised Pareto fit to tied values is meaningless.
         return -math.inf
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -106,6 +107,8 @@ class Diagnostics:
     """What every `Posterior` reports; a field is None where it does not apply.
 
     ``exact`` says whether the distances came from enumeration (True) or estimation (False).
+    ``elbo`` is ``E_π[log P − log π] = E_π[log L] − KL(π‖a) ≤ log Z``: the KL-regularised RL
+    objective divided by kl_coef (SPEC §1.1), equal to log Z exactly when π = p.
     """
 
     log_z: float | None = None
@@ -119,6 +122,7 @@ class Diagnostics:
     kl_target_policy: float | None = None
     kl_policy_prior: float | None = None
     tvd: float | None = None
+    elbo: float | None = None
     rewards: dict[str, float] = field(default_factory=dict)
     moments: dict[str, list[float]] = field(default_factory=dict)
     num_proposed: int | None = None

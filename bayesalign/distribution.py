@@ -27,6 +27,8 @@ class SequenceDistribution(TorchDistribution):
     has_enumerate_support = False
     vocab_size: int
     eos_token_id: int | None = None
+    # (optimizer, learning rate) that suit this parametrisation when trained as a policy.
+    recommended_optimizer: tuple[str, float] = ("adam", 1e-5)
 
     def __init__(self) -> None:
         super().__init__(torch.Size(), torch.Size(), validate_args=False)
@@ -53,6 +55,10 @@ class SequenceDistribution(TorchDistribution):
     def token_log_probs(self, value: Sequences) -> torch.Tensor:
         """Per-position log-probabilities ``[batch, length]`` (0 outside the mask), with grad."""
         raise NotImplementedError
+
+    def given(self, context: object) -> SequenceDistribution:
+        """This distribution conditioned on ``context`` (a prompt), for conditional targets."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be conditioned on a context")
 
     def trainable_copy(self) -> SequenceDistribution:
         """A policy initialised at this distribution with its own trainable parameters."""

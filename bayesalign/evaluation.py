@@ -80,9 +80,11 @@ def _fill_exact(result: Diagnostics, target: Target, posterior: Posterior) -> No
     context = posterior.context
     support = target.support(context)
     log_prior = support.log_q.double()
-    log_p = target.log_score(support, context, log_prior=log_prior)
-    log_p = log_p - torch.logsumexp(log_p, 0)
+    log_score = target.log_score(support, context, log_prior=log_prior)
+    log_p = log_score - torch.logsumexp(log_score, 0)
     log_pi = posterior.log_prob(support).detach().double().cpu()
+    pi = log_pi.exp()
+    result.elbo = float(torch.where(pi > 0, pi * (log_score - log_pi), 0.0).sum())
     result.kl_target_policy = dx.kl(log_p, log_pi)
     result.tvd = dx.tvd(log_p, log_pi)
     result.kl_policy_prior = dx.kl(log_pi, log_prior)
@@ -105,6 +107,7 @@ def _fill_estimated(
         result.tvd = dx.is_tvd(log_score, log_pi, log_pi)
         log_prior = target.prior(context).log_prob(policy_draws).double()
         result.kl_policy_prior = float((log_pi - log_prior).mean())
+        result.elbo = float(log_w.mean())
         samples, weights = policy_draws, torch.full_like(log_pi, 1 / len(log_pi))
     else:
         samples, weights = posterior.samples, posterior.normalised_weights

@@ -2,11 +2,13 @@
 
 from .adaptors import Eta, Temperature, TopK, TopP, Typical, make_adaptors
 from .causal_lm import CausalLM
+from .prefix_tree import PrefixTreeLM
 from .tabular import TabularLM, TabularLogits
 
 __all__ = [
     "CausalLM",
     "Eta",
+    "PrefixTreeLM",
     "TabularLM",
     "TabularLogits",
     "Temperature",

@@ -8,8 +8,6 @@ reach ``length`` without one are scored as truncated prefixes, so the support ha
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from bayesalign.distribution import SequenceDistribution
@@ -17,6 +15,8 @@ from bayesalign.errors import ConfigError, InvalidDistributionError
 from bayesalign.sequences import Sequences, mask_through_eos
 
 from .adaptors import Adaptor, adapted_log_probs, make_adaptors
+from .enumeration import enumerate_sequences
+from .prefix_tree import PrefixTreeLM
 
 
 def _check_table(name: str, table: torch.Tensor, atol: float = 1e-6) -> None:
@@ -32,16 +32,12 @@ def _check_table(name: str, table: torch.Tensor, atol: float = 1e-6) -> None:
 
 
 class TabularLogits(torch.nn.Module):
-    """The trainable parameters of a `TabularLM`: unnormalised log-probability tables."""
+    """The log-probability tables of a `TabularLM` (frozen: policies are `PrefixTreeLM`s)."""
 
-    def __init__(
-        self, initial_logits: torch.Tensor, transition_logits: torch.Tensor, trainable: bool
-    ) -> None:
+    def __init__(self, initial_logits: torch.Tensor, transition_logits: torch.Tensor) -> None:
         super().__init__()
-        self.initial_logits = torch.nn.Parameter(initial_logits.clone(), requires_grad=trainable)
-        self.transition_logits = torch.nn.Parameter(
-            transition_logits.clone(), requires_grad=trainable
-        )
+        self.initial_logits = torch.nn.Parameter(initial_logits.clone(), requires_grad=False)
+        self.transition_logits = torch.nn.Parameter(transition_logits.clone(), requires_grad=False)
 
 
 class TabularLM(SequenceDistribution):
@@ -65,7 +61,7 @@ class TabularLM(SequenceDistribution):
             transition = torch.as_tensor(transition, dtype=torch.float64)
             _check_table("initial", initial.reshape(-1))
             _check_table("transition", transition)
-            logits = TabularLogits(initial.log(), transition.log(), trainable=False)
+            logits = TabularLogits(initial.log(), transition.log())
         order = logits.transition_logits.dim() - 1
         vocab = logits.transition_logits.shape[-1]
         if logits.initial_logits.dim() != order or any(
@@ -93,12 +89,33 @@ class TabularLM(SequenceDistribution):
     def module(self) -> TabularLogits:
         return self.logits
 
-    def trainable_copy(self) -> TabularLM:
-        """A policy initialised at this distribution with its own parameters."""
-        copy = TabularLogits(
-            self.logits.initial_logits.detach(), self.logits.transition_logits.detach(), True
-        )
-        return TabularLM(None, None, self.length, self.eos_token_id, logits=copy)
+    def trainable_copy(self) -> PrefixTreeLM:
+        """A policy with one logit row per prefix, initialised at this LM: it can represent
+        any distribution on this support, so a policy engine can reach p exactly (SPEC §10)."""
+        return PrefixTreeLM.from_conditionals(self.prefix_conditionals(), self.eos_token_id)
+
+    def prefix_conditionals(self) -> list[torch.Tensor]:
+        """``log a(x_t | prefix)`` for every prefix: table t is ``[V**t, V]`` (base-V index)."""
+        vocab, order = self.vocab_size, self.order
+        with torch.no_grad():
+            joint = self._initial_log_probs()
+            trans = self._transition_log_probs().reshape(vocab**order, vocab)
+            tables, marginal = [], torch.zeros(1, dtype=joint.dtype)
+            for t in range(self.length):
+                if t < order:
+                    next_marginal = torch.logsumexp(joint.reshape(vocab ** (t + 1), -1), -1)
+                    tables.append(next_marginal.reshape(vocab**t, vocab) - marginal[:, None])
+                    marginal = next_marginal
+                else:
+                    # The last `order` tokens of a prefix index the transition table.
+                    last = torch.arange(vocab**t) % vocab**order
+                    tables.append(trans[last])
+        return tables
+
+    def given(self, context: object) -> TabularLM:
+        """A `TabularLM` is unconditional: as a policy for a conditional target it is shared
+        by every context (the amortised fit of CDPG's context average)."""
+        return self
 
     def adapted(self, **adaptor_options: float | int | None) -> TabularLM:
         """This LM under a sampling adaptor chain (`make_adaptors` options), as a proposal."""
@@ -180,13 +197,5 @@ class TabularLM(SequenceDistribution):
 
     def enumerate_support(self, expand: bool = False) -> Sequences:
         """Every sequence with non-zero mass under this (possibly adapted) LM, with exact ``log_q``."""
-        rows = itertools.product(range(self.vocab_size), repeat=self.length)
-        tokens = torch.tensor(list(rows), dtype=torch.long)
-        mask = mask_through_eos(tokens, self.eos_token_id)
-        # After the first EOS a row is padding: keep only its all-zero padded copy.
-        keep = (tokens.masked_fill(mask, 0) == 0).all(-1)
-        sequences = Sequences(tokens=tokens[keep], mask=mask[keep])
-        with torch.no_grad():
-            log_q = self.log_prob(sequences)
-        finite = torch.isfinite(log_q)
-        return sequences[finite.nonzero().squeeze(-1)].with_log_q(log_q[finite])
+        return enumerate_sequences(self, self.length)
+

@@ -1,0 +1,135 @@
+"""What the policy engines (DPG, KL-RL) share: contexts, scored batches, the final `Posterior`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bayesalign.diagnostics import Diagnostics
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError, VocabularyMismatchError
+from bayesalign.evaluation import evaluate
+from bayesalign.posterior import Posterior
+from bayesalign.sequences import Sequences
+from bayesalign.target import NO_CONTEXT, Target
+
+
+def context_list(target: Target, contexts: Any) -> list[Any]:
+    """Contexts as a list: ``[NO_CONTEXT]`` for unconditional targets; a `datasets.Dataset`
+    gives its ``context`` (or ``prompt``) column."""
+    if contexts is None:
+        return [NO_CONTEXT]
+    if hasattr(contexts, "column_names"):
+        for column in ("context", "prompt"):
+            if column in contexts.column_names:
+                return list(contexts[column])
+        raise ConfigError(f"the contexts dataset needs a 'context' or 'prompt' column, has "
+                          f"{contexts.column_names}")
+    contexts = list(contexts)
+    if not contexts:
+        raise ConfigError("contexts is empty: give at least one context")
+    return contexts
+
+
+def make_policy(target: Target, context: Any, policy: SequenceDistribution | None):
+    """The policy to train: a trainable copy of the prior unless one is given (checked)."""
+    prior = target.prior(context)
+    if policy is None:
+        return prior.trainable_copy()
+    if policy.vocabulary_id != prior.vocabulary_id:
+        raise VocabularyMismatchError(
+            f"policy vocabulary {policy.vocabulary_id} differs from the prior's "
+            f"{prior.vocabulary_id}"
+        )
+    return policy
+
+
+@dataclass
+class ScoredBatch:
+    """Draws from q with every log-score an update needs, each computed once."""
+
+    y: Sequences
+    context: Any
+    log_q: torch.Tensor
+    log_prior: torch.Tensor
+    log_score: torch.Tensor
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.log_score - self.log_q
+
+
+def score_batch(
+    target: Target, proposal: SequenceDistribution, num_samples: int, context: Any
+) -> ScoredBatch:
+    with torch.no_grad():
+        y = proposal.sample_batch(num_samples)
+        log_prior = target.prior(context).log_prob(y).double()
+        log_score = target.log_score(y, context, log_prior=log_prior)
+    return ScoredBatch(y, context, y.log_q.double(), log_prior, log_score)
+
+
+def pick_contexts(contexts: Sequence[Any], per_step: int) -> list[Any]:
+    """Contexts for one step, drawn with torch's RNG so a resumed run draws the same."""
+    if len(contexts) == 1:
+        return [contexts[0]]
+    index = torch.randint(len(contexts), (min(per_step, len(contexts)),))
+    return [contexts[i] for i in index.tolist()]
+
+
+def finish(
+    target: Target,
+    policy: SequenceDistribution,
+    engine: str,
+    contexts: list[Any],
+    history: list[dict],
+    config: dict,
+    num_samples: int,
+    extras: dict[str, float] | None = None,
+) -> Posterior:
+    """The trained policy as a `Posterior`, evaluated per context and averaged over contexts."""
+    per_context = []
+    for context in contexts:
+        conditional = policy if context is NO_CONTEXT else policy.given(context)
+        with torch.no_grad():
+            samples = conditional.sample_batch(num_samples)
+        post = Posterior(samples, engine=engine, target=target, context=context,
+                         policy=conditional, law=conditional.log_prob, history=history,
+                         config=config)
+        post.diagnostics = evaluate(target, post)
+        post.extras = dict(extras or {})
+        per_context.append(post)
+    if len(per_context) == 1:
+        return per_context[0]
+    combined = per_context[0]
+    combined.context = NO_CONTEXT
+    extras = {
+        f"{name}[{context}]": getattr(p.diagnostics, name)
+        for context, p in zip(contexts, per_context)
+        for name in ("kl_target_policy", "log_z")
+        if getattr(p.diagnostics, name) is not None
+    }
+    combined.diagnostics = _average([p.diagnostics for p in per_context])
+    combined.extras = {**extras, **(combined.extras)}
+    combined.policy, combined.law = policy, None
+    return combined
+
+
+def _average(items: list[Diagnostics]) -> Diagnostics:
+    """The context average E_c of every numeric diagnostic (CDPG reports E_c KL)."""
+    out = Diagnostics(exact=all(d.exact for d in items))
+    for name, value in vars(items[0]).items():
+        if isinstance(value, float):
+            values = [getattr(d, name) for d in items]
+            if all(v is not None for v in values):
+                setattr(out, name, float(sum(values) / len(values)))
+    for key in items[0].rewards:
+        out.rewards[key] = sum(d.rewards[key] for d in items) / len(items)
+    for key in items[0].moments:
+        columns = zip(*(d.moments[key] for d in items))
+        out.moments[key] = [sum(c) / len(items) for c in columns]
+    out.warnings = [w for d in items for w in d.warnings]
+    return out

@@ -1,0 +1,323 @@
+"""One training loop for every policy engine (DPG, CDPG, KL-RL): device, precision, accumulation,
+progress, per-step history, and checkpoints that resume exactly.
+
+Checkpoints are written by this module (safetensors weights, optimizer, RNG states, engine state,
+history) rather than ``accelerate.save_state``: the policy's parameters are used outside a module
+forward (a `TabularLM` has none), so they are not wrapped by DDP, and gradients are averaged across
+processes here. A checkpoint is written to a temporary folder, checksummed, then renamed, so a
+kill mid-write never leaves a half checkpoint; resume skips a corrupted one and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import BayesAlignError, ConfigError
+
+from .base import require_positive
+
+
+class TrainingError(BayesAlignError, RuntimeError):
+    """Training stopped (NaN loss, no usable weights); the last checkpoint is kept."""
+
+
+@dataclass
+class TrainingConfig:
+    """Hyperparameters every policy engine shares (one line each, TRL-style)."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # samples per micro-batch (per process)
+    learning_rate: float | None = None  # None: the policy's recommendation (see optimizer)
+    optimizer: str | None = None  # "adam" or "sgd"; None: the policy's recommended_optimizer
+    max_grad_norm: float | None = None  # clip the global gradient norm when set
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (log-probs stay float32+)
+    checkpoint_dir: str | None = None  # where checkpoint-<step> folders go; resumes from the newest
+    checkpoint_every: int = 0  # steps between checkpoints (0: only the final one, if a dir is set)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    seed: int = 0  # seeds torch per process (different samples on each rank)
+    progress: bool = True  # progress bar on interactive terminals
+
+    def __post_init__(self) -> None:
+        require_positive("steps", self.steps)
+        require_positive("batch_size", self.batch_size)
+        if self.learning_rate is not None:
+            require_positive("learning_rate", self.learning_rate)
+        require_positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.optimizer not in (None, "adam", "sgd"):
+            raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+
+
+StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Trainer:
+    """Runs ``step_fn`` (one micro-batch: loss and metrics) for ``config.steps`` optimizer steps.
+
+    ``state`` maps names to engine objects with ``state_dict``/``load_state_dict`` (running Ẑ,
+    the off-policy proposal, the adaptive kl_coef), checkpointed with the policy.
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        policy: SequenceDistribution,
+        engine: str,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.engine = engine
+        self.state = dict(state or {})
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       mixed_precision=config.mixed_precision)
+        self.module = policy.module
+        self.module.to(self.accelerator.device)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"{engine}: the policy has no trainable parameters")
+        name, learning_rate = policy.recommended_optimizer
+        name = config.optimizer or name
+        optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.SGD
+        self.optimizer = optimizer_class(params, lr=config.learning_rate or learning_rate)
+        self.history: list[dict[str, float]] = []
+        self.start_step = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All processes' values (for global weight normalisation, DESIGN.md 'Scale')."""
+        return self.accelerator.gather(tensor.contiguous())
+
+    def run(self, step_fn: StepFn) -> list[dict[str, float]]:
+        config = self.config
+        with _seeded_per_process(config.seed, self.accelerator.process_index):
+            self._resume()
+            bar = tqdm(total=config.steps, initial=self.start_step, desc=self.engine,
+                       disable=None if config.progress else True, leave=False)
+            for step in range(self.start_step, config.steps):
+                started = time.perf_counter()
+                row = self._optimizer_step(step, step_fn)
+                row["seconds"] = time.perf_counter() - started
+                row["samples_per_s"] = (config.batch_size * config.gradient_accumulation_steps
+                                        / max(row["seconds"], 1e-9))
+                self.history.append(row)
+                bar.update(1)
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "kl_target_policy")
+                                 if k in row})
+                done = step + 1
+                if config.checkpoint_dir and (
+                    (config.checkpoint_every and done % config.checkpoint_every == 0)
+                    or done == config.steps
+                ):
+                    self.save_checkpoint(done)
+            bar.close()
+        return self.history
+
+    def _optimizer_step(self, step: int, step_fn: StepFn) -> dict[str, float]:
+        accumulation = self.config.gradient_accumulation_steps
+        rows: list[dict[str, float]] = []
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(accumulation):
+            with self.accelerator.autocast():
+                loss, metrics = step_fn(step)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{self.engine}: loss is {loss.item()} at step {step}; training stopped. "
+                    f"{self._last_checkpoint_note()}"
+                )
+            self.accelerator.backward(loss / accumulation)
+            rows.append({"loss": float(loss.detach()), **metrics})
+        self._average_gradients()
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        row = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
+        row["step"] = step
+        return row
+
+    def _average_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        for param in self.module.parameters():
+            if param.grad is not None:
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def _last_checkpoint_note(self) -> str:
+        latest = self._checkpoints()[-1:] if self.config.checkpoint_dir else []
+        return f"Last checkpoint kept: {latest[0]}" if latest else "No checkpoint was written."
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _checkpoints(self) -> list[Path]:
+        root = Path(self.config.checkpoint_dir)
+        return sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write then rename: ``checkpoint-<step>`` exists only once it is complete."""
+        root = Path(self.config.checkpoint_dir)
+        final = root / f"checkpoint-{step:08d}"
+        rank = self.accelerator.process_index
+        tmp = root / f".tmp-checkpoint-{step:08d}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+        if self.accelerator.is_main_process:
+            save_model(self.module, str(tmp / "policy.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / "engine.pt")
+            meta = {"step": step, "engine": self.engine, "config": _config_identity(self.config),
+                    "history": self.history}
+            (tmp / "trainer.json").write_text(json.dumps(meta))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / "manifest.json").write_text(json.dumps(manifest))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self._checkpoints()[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _resume(self) -> None:
+        if not self.config.checkpoint_dir or not Path(self.config.checkpoint_dir).exists():
+            return
+        for checkpoint in reversed(self._checkpoints()):
+            problem = _verify(checkpoint)
+            if problem is None:
+                self._load(checkpoint)
+                return
+            warnings.warn(f"{checkpoint} is unusable ({problem}); trying the previous one",
+                          stacklevel=3)
+
+    def _load(self, checkpoint: Path) -> None:
+        meta = json.loads((checkpoint / "trainer.json").read_text())
+        if meta["engine"] != self.engine or meta["config"] != _config_identity(self.config):
+            raise ConfigError(
+                f"{checkpoint} was written by {meta['engine']} with another configuration "
+                f"({_diff(meta['config'], _config_identity(self.config))}); use a new "
+                "checkpoint_dir or the same settings"
+            )
+        load_model(self.module, str(checkpoint / "policy.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt",
+                                                  map_location=self.device))
+        engine_state = torch.load(checkpoint / "engine.pt", map_location=self.device,
+                                  weights_only=False)
+        for name, obj in self.state.items():
+            obj.load_state_dict(engine_state[name])
+        rank_file = checkpoint / f"rng-{self.accelerator.process_index}.pt"
+        _set_rng_state(torch.load(rank_file, weights_only=False))
+        self.history = meta["history"]
+        self.start_step = meta["step"]
+
+
+def _config_identity(config: TrainingConfig) -> dict:
+    """The settings a resumed run must share with the run that wrote the checkpoint."""
+    identity = {k: v for k, v in asdict(config).items()
+                if k not in ("steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
+                             "progress")}
+    return json.loads(json.dumps(identity, default=repr))
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys) or "engine"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(checkpoint: Path) -> str | None:
+    manifest_file = checkpoint / "manifest.json"
+    if not manifest_file.exists():
+        return "no manifest"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError:
+        return "corrupted manifest"
+    for name, digest in manifest.items():
+        path = checkpoint / name
+        if not path.exists():
+            return f"missing {name}"
+        if _sha256(path) != digest:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "random": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _seeded_per_process(seed: int, rank: int) -> Iterator[None]:
+    """Seed torch differently on each rank, restoring the caller's RNG afterwards."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 1_000_003 * rank)
+        yield
+
+
+def history_to_csv(history: list[dict[str, float]], path: str | Path) -> Path:
+    """Write per-step metrics as CSV (one row per optimizer step)."""
+    path = Path(path)
+    columns = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    return path
+
+
+def history_to_arviz(history: list[dict[str, float]]) -> Any:
+    """Per-step metrics as an ArviZ InferenceData (one chain, draws = steps, in sample_stats)."""
+    import arviz as az
+
+    columns = sorted({k for row in history for k in row} - {"step"})
+    stats = {k: np.array([[row.get(k, math.nan) for row in history]]) for k in columns}
+    return az.from_dict(sample_stats=stats, attrs={"steps": len(history)})
