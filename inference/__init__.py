@@ -2,11 +2,18 @@
 
 from .base import Engine
 from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law
+from .dpg import DPG
 from .exact import Exact
 from .importance import Importance
+from .klrl import KLRL
+from .moments import MomentFit, fit_moments
 from .rejection import QRS, QRSCurves, Rejection, qrs_estimates
+from .training import TrainingConfig, TrainingError, history_to_arviz, history_to_csv
 
 __all__ = [
+    "DPG",
+    "KLRL",
+    "MomentFit",
     "QRS",
     "BestOfN",
     "Engine",
@@ -14,7 +21,12 @@ __all__ = [
     "Importance",
     "QRSCurves",
     "Rejection",
+    "TrainingConfig",
+    "TrainingError",
     "best_of_n_kl_bound",
     "best_of_n_log_law",
+    "fit_moments",
+    "history_to_arviz",
+    "history_to_csv",
     "qrs_estimates",
 ]

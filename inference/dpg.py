@@ -30,6 +30,7 @@ from .policy import ScoredBatch, context_list, finish, make_policy, pick_context
 from .training import Trainer, TrainingConfig
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
+MAX_LOG_RATIO = 50.0
 
 
 def f_prime(divergence: str, log_t: torch.Tensor) -> torch.Tensor:
@@ -37,11 +38,13 @@ def f_prime(divergence: str, log_t: torch.Tensor) -> torch.Tensor:
     if divergence == "kl":  # f(t) = −log t: D_f = KL(p‖π)
         return -torch.exp(-log_t)
     if divergence == "reverse_kl":  # f(t) = t log t: D_f = KL(π‖p)
-        return log_t + 1
+        # Where p = 0 (a violated constraint) f' is +inf; cap it so the push-down stays finite.
+        return log_t.clamp(max=MAX_LOG_RATIO) + 1
     if divergence == "tv":  # f(t) = ½|t − 1|
         return 0.5 * torch.sign(log_t)
-    # JS: f(t) = ½[t log t − (1 + t) log((1 + t)/2)], f'(t) = ½ log(2t/(1 + t))
-    return 0.5 * (math.log(2) + log_t - F.softplus(log_t))
+    # JS: f(t) = ½[t log t − (1 + t) log((1 + t)/2)], f'(t) = ½ log(2t/(1 + t)),
+    # written with softplus(−log t) so t = inf (p = 0) gives the finite limit ½ log 2.
+    return 0.5 * (math.log(2) - F.softplus(-log_t))
 
 
 class RunningLogZ:
@@ -183,9 +186,9 @@ class DPG(TrainingConfig):
                 baseline["value"] = 0.99 * baseline["value"] + 0.01 * float(
                     (pi_over_q * grad_weight).mean())
             grad_weight = grad_weight - baseline["value"]
-        coefficient = torch.where(torch.isfinite(batch.log_score), pi_over_q * grad_weight,
-                                  torch.zeros_like(pi_over_q) if self.divergence == "kl"
-                                  else pi_over_q * grad_weight.nan_to_num(posinf=0.0))
+        # Samples outside the target's support (P = 0) keep their term: with a baseline they
+        # are pushed down, which is how π learns to put no mass there.
+        coefficient = pi_over_q * grad_weight
         loss = (coefficient.to(log_pi.dtype) * log_pi).mean()
         finite = torch.isfinite(batch.log_w)
         info = {

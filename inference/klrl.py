@@ -24,6 +24,7 @@ import torch
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError
 from bayesalign.posterior import Posterior
+from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
 
 from .base import require_positive
@@ -187,8 +188,10 @@ class KLRL(TrainingConfig):
             log_ratio = old.sum(-1) - batch.log_prior
             task, violated = self._task_reward(batch)
             reward = task - controller.value * kl_estimate(self.kl_estimator, log_ratio)
-            groups.append({"y": batch.y, "context": batch.context, "old": old,
-                           "advantage": reward - leave_one_out(reward)})
+            # Plain tensors (no decoder closure), so a checkpoint taken mid-rollout pickles.
+            groups.append({"tokens": batch.y.tokens, "mask": batch.y.mask,
+                           "row_context": batch.y.context, "context": batch.context,
+                           "old": old, "advantage": reward - leave_one_out(reward)})
             rows.append(self._metrics(task, log_ratio, violated, controller.value))
         self._adapt(controller, rows)
         return {"groups": groups, "metrics": _mean_rows(rows)}
@@ -199,10 +202,11 @@ class KLRL(TrainingConfig):
         minibatch = update_index % self.ppo_minibatches
         losses = []
         for group in rollout["groups"]:
-            rows = torch.arange(len(group["y"])).chunk(self.ppo_minibatches)[minibatch]
+            y_all = Sequences(group["tokens"], group["mask"], context=group["row_context"])
+            rows = torch.arange(len(y_all)).chunk(self.ppo_minibatches)[minibatch]
             if len(rows) == 0:
                 continue
-            y = group["y"][rows]
+            y = y_all[rows]
             conditional = policy if group["context"] is NO_CONTEXT else policy.given(
                 group["context"])
             new = conditional.token_log_probs(y)

@@ -99,7 +99,7 @@ def finish(
         post = Posterior(samples, engine=engine, target=target, context=context,
                          policy=conditional, law=conditional.log_prob, history=history,
                          config=config)
-        post.diagnostics = evaluate(target, post)
+        post.diagnostics = evaluate(target, post, num_samples)
         post.extras = dict(extras or {})
         per_context.append(post)
     if len(per_context) == 1:

@@ -173,7 +173,9 @@ class QRS(_AcceptReject):
             log_w = log_w.cpu()
             curves = qrs_estimates(log_w, qrs_betas)
             index = torch.randint(len(log_w), (num_bootstrap, len(log_w)))
-        boot = _qrs_estimates_batched(log_w[index], qrs_betas)
+        # Chunks of bootstrap rows bound the memory: rows × len(β) × N float64 temporaries.
+        chunks = [_qrs_estimates_batched(log_w[rows], qrs_betas) for rows in index.split(16)]
+        boot = (torch.cat([c[i] for c in chunks]) for i in range(3))
         curves.acceptance_rate_se, curves.tvd_se, curves.kl_se = (b.std(0).tolist() for b in boot)
         return curves
 

@@ -27,9 +27,11 @@ class PrefixTreeLM(SequenceDistribution):
     """Autoregressive LM with free logits per prefix; trainable, enumerable, exact."""
 
     has_enumerate_support = True
-    # Plain SGD at 0.05 reproduces SPEC §10's simulated convergence; Adam's per-parameter
-    # normalisation amplifies the score-function noise of free logits.
-    recommended_optimizer = ("sgd", 0.05)
+    # Measured on Toy A, its pointwise-constraint variant and random worlds (3000 steps × 64):
+    # Adam at 0.01 brings every DPG and KL-RL variant below KL(p‖π) = 0.007. SGD at 0.05 (SPEC
+    # §10's setting) matches the SPEC's Gibbs numbers but is slow to drive mass off sequences a
+    # hard constraint forbids, whose logits must go to −inf.
+    recommended_optimizer = ("adam", 0.01)
 
     def __init__(self, logits: PrefixLogits, eos_token_id: int | None = None) -> None:
         super().__init__()

@@ -54,7 +54,7 @@ def test_policy_posterior_round_trip(tmp_path):
     prior = TabularLM(torch.tensor(P1, dtype=torch.float64), torch.tensor(T, dtype=torch.float64), 3)
     policy = prior.trainable_copy()
     with torch.no_grad():
-        policy.module.initial_logits += torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+        policy.module.tables[0] += torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     sample = policy.sample_batch(5)
     post = ba.Posterior(sample, engine="Policy", policy=policy, law=policy.log_prob)
     post.save(tmp_path / "policy")

@@ -1,0 +1,189 @@
+"""The shared training loop: exact resume (also after SIGKILL), history export, clear errors."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from conftest import toy_a_prior, toy_a_target
+
+import bayesalign as ba
+from bayesalign.errors import (
+    ConfigError,
+    EmptySupportError,
+    InvalidFactorError,
+    VocabularyMismatchError,
+)
+from bayesalign.inference import DPG, KLRL, TrainingError, history_to_arviz, history_to_csv
+from bayesalign.inference.training import _verify
+from bayesalign.models import TabularLM
+
+SETTINGS = {"steps": 600, "batch_size": 32, "seed": 3, "progress": False}
+
+
+def parameters(post) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in post.policy.module.parameters()]
+
+
+@pytest.mark.parametrize("engine", [lambda **kw: DPG(off_policy=True, **kw),
+                                    lambda **kw: KLRL(algorithm="ppo", ppo_epochs=3, **kw)])
+def test_resume_from_a_checkpoint_is_bit_identical(engine, tmp_path):
+    target = toy_a_target(1.0)
+    reference = engine(**SETTINGS).fit(target)
+    engine(**{**SETTINGS, "steps": 250}, checkpoint_dir=str(tmp_path), checkpoint_every=50
+           ).fit(target)
+    resumed = engine(**SETTINGS, checkpoint_dir=str(tmp_path), checkpoint_every=50).fit(target)
+    for a, b in zip(parameters(reference), parameters(resumed)):
+        assert torch.equal(a, b)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in reference.history]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import toy_a_target
+    from bayesalign.inference import DPG
+    DPG(steps={steps}, batch_size=32, seed=3, progress=False, checkpoint_dir={ckpt!r},
+        checkpoint_every=25, off_policy=True).fit(toy_a_target(1.0))
+""")
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = 1500
+    ckpt = tmp_path / "ckpt"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parents[1]), steps=steps, ckpt=str(ckpt))
+    process = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not list(ckpt.glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    written = sorted(ckpt.glob("checkpoint-*"))
+    assert written and int(written[-1].name.split("-")[1]) < steps
+    assert all(_verify(c) is None for c in written)  # none half-written
+    settings = {**SETTINGS, "steps": steps, "off_policy": True}
+    resumed = DPG(**settings, checkpoint_dir=str(ckpt), checkpoint_every=25).fit(toy_a_target(1.0))
+    reference = DPG(**settings).fit(toy_a_target(1.0))
+    for a, b in zip(parameters(reference), parameters(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    target = toy_a_target(1.0)
+    DPG(**{**SETTINGS, "steps": 100}, checkpoint_dir=str(tmp_path), checkpoint_every=50).fit(target)
+    newest = sorted(tmp_path.glob("checkpoint-*"))[-1]
+    (newest / "policy.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="checksum mismatch in policy.safetensors"):
+        resumed = DPG(**{**SETTINGS, "steps": 150}, checkpoint_dir=str(tmp_path),
+                      checkpoint_every=50).fit(target)
+    reference = DPG(**{**SETTINGS, "steps": 150}).fit(target)
+    for a, b in zip(parameters(reference), parameters(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    DPG(**{**SETTINGS, "steps": 50}, checkpoint_dir=str(tmp_path)).fit(toy_a_target(1.0))
+    with pytest.raises(ConfigError, match="batch_size: 32 there, 16 here"):
+        DPG(**{**SETTINGS, "steps": 60, "batch_size": 16}, checkpoint_dir=str(tmp_path)).fit(
+            toy_a_target(1.0))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    prior = toy_a_prior()
+    calls = {"n": 0}
+
+    @ba.target
+    def turns_nan():
+        y = pyro.sample("y", prior)
+        calls["n"] += 1
+        r = (y.tokens == 2).sum(-1).double()
+        ba.reward("r", r * math.nan if calls["n"] > 150 else r)  # NaN after some steps
+
+    with pytest.raises(InvalidFactorError, match="factor 'r' is nan for sample"):
+        DPG(**SETTINGS, checkpoint_dir=str(tmp_path), checkpoint_every=20).fit(turns_nan)
+    assert all(_verify(c) is None for c in tmp_path.glob("checkpoint-*"))
+    assert list(tmp_path.glob("checkpoint-*"))
+
+
+def test_nan_loss_names_the_step_and_checkpoint(tmp_path, monkeypatch):
+    engine = DPG(**SETTINGS, checkpoint_dir=str(tmp_path), checkpoint_every=10)
+    original = DPG._loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args):
+        loss, info = original(self, *args)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] > 25 else loss), info
+
+    monkeypatch.setattr(DPG, "_loss", sometimes_nan)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 25.*checkpoint-00000020"):
+        engine.fit(toy_a_target(1.0))
+    assert _verify(sorted(tmp_path.glob("checkpoint-*"))[-1]) is None
+
+
+def test_all_weights_zero_names_the_step():
+    prior = toy_a_prior()
+
+    @ba.target
+    def impossible():
+        y = pyro.sample("y", prior)
+        ba.constraint("never", y.lengths > 3)
+
+    with pytest.raises(EmptySupportError, match="step 0: all 32 importance weights are zero"):
+        DPG(**SETTINGS).fit(impossible)
+
+
+def test_policy_with_another_vocabulary_is_refused():
+    four = torch.full((4,), 0.25, dtype=torch.float64)
+    other = TabularLM(four, four.expand(4, 4).contiguous(), 3).trainable_copy()
+    for engine in (DPG(policy=other, **SETTINGS), KLRL(policy=other, **SETTINGS)):
+        with pytest.raises(VocabularyMismatchError, match="policy vocabulary"):
+            engine.fit(toy_a_target(1.0))
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ConfigError, match="kl_scale must be > 0"):
+        KLRL(kl_scale=0.0)
+    with pytest.raises(ConfigError, match="algorithm must be one of"):
+        KLRL(algorithm="grpo")
+    with pytest.raises(ConfigError, match="divergence must be one of"):
+        DPG(divergence="hellinger")
+    with pytest.raises(ConfigError, match="steps must be > 0"):
+        DPG(steps=0)
+    with pytest.warns(UserWarning, match="k3 in the loss gives a biased gradient"):
+        KLRL(kl_estimator="k3", kl_placement="loss")
+
+
+def test_history_exports(tmp_path):
+    post = KLRL(**{**SETTINGS, "steps": 20}).fit(toy_a_target(1.0))
+    path = history_to_csv(post.history, tmp_path / "history.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("step,") and len(lines) == 21
+    data = history_to_arviz(post.history)
+    assert data.sample_stats["kl_policy_prior"].shape == (1, 20)
+    assert all(math.isfinite(r["samples_per_s"]) for r in post.history)
+    saved = tmp_path / "post"
+    post.save(saved)
+    assert json.loads((saved / "posterior.json").read_text())["history"][0]["step"] == 0
+
+
+def test_adaptive_kl_coefficient_moves_towards_the_target_kl_and_is_logged():
+    post = KLRL(**{**SETTINGS, "steps": 200}, target_kl=0.05).fit(toy_a_target(1.0))
+    scales = [row["kl_scale"] for row in post.history]
+    assert scales[0] == 1.0 and scales[-1] > 1.5  # KL(π‖a) → 0.49 ≫ 0.05: c grows
+    assert post.diagnostics.kl_policy_prior < 0.3
+
+
+def test_gradient_accumulation_and_micro_batches_are_logged():
+    post = DPG(**{**SETTINGS, "steps": 30, "batch_size": 16}, gradient_accumulation_steps=4
+               ).fit(toy_a_target(1.0))
+    assert len(post.history) == 30
+    assert post.diagnostics.kl_target_policy < 0.491  # moved from the prior's 0.491
