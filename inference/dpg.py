@@ -26,8 +26,8 @@ from bayesalign.posterior import Posterior
 from bayesalign.target import NO_CONTEXT, Target
 
 from .base import require_positive
-from .policy import ScoredBatch, context_list, finish, make_policy, pick_contexts, score_batch
-from .training import Trainer, TrainingConfig
+from .policy import PolicyEngineConfig, ScoredBatch, finish, pick_contexts, score_batch
+from .training import Trainer
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
 MAX_LOG_RATIO = 50.0
@@ -102,7 +102,7 @@ class Proposal:
 
 
 @dataclass
-class DPG(TrainingConfig):
+class DPG(PolicyEngineConfig):
     """DPG and its family; a conditional target with ``contexts`` gives CDPG."""
 
     divergence: str = "kl"  # f-divergence D_f(π‖p): kl (= forward KL(p‖π)), reverse_kl, tv, js
@@ -111,11 +111,7 @@ class DPG(TrainingConfig):
     proposal: SequenceDistribution | None = None  # initial off-policy proposal (prior by default)
     proposal_update_interval: int = 16  # steps between KL checks for the proposal swap
     proposal_update_samples: int = 512  # fresh draws from q for each KL check
-    contexts: Any = None  # list or datasets.Dataset of contexts (CDPG)
-    contexts_per_step: int = 4  # contexts drawn per step; the batch is split between them
     per_context_z: bool = True  # CDPG's Ẑ_c; False is the single-global-Z ablation
-    policy: SequenceDistribution | None = None  # defaults to a trainable copy of the prior
-    eval_samples: int = 4096  # draws for the final diagnostics (exact when enumerable)
     name: str = field(init=False, default="DPG")
 
     def __post_init__(self) -> None:
@@ -123,13 +119,11 @@ class DPG(TrainingConfig):
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         require_positive("proposal_update_interval", self.proposal_update_interval)
-        require_positive("contexts_per_step", self.contexts_per_step)
         if self.contexts is not None:
             self.name = "CDPG"
 
     def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
-        contexts = [context] if self.contexts is None else context_list(target, self.contexts)
-        policy = make_policy(target, contexts[0], self.policy)
+        contexts, policy = self.contexts_and_policy(target, context)
         log_z = RunningLogZ()
         baseline = {"value": -1.0 if self.divergence == "kl" else 0.0}
         state = {"log_z": log_z, "baseline": _Scalar(baseline)}

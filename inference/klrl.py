@@ -21,15 +21,14 @@ from typing import Any
 
 import torch
 
-from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
 
 from .base import require_positive
-from .policy import context_list, finish, make_policy, pick_contexts, score_batch
-from .training import Trainer, TrainingConfig
+from .policy import PolicyEngineConfig, finish, pick_contexts, score_batch
+from .training import Trainer
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 UNBIASED = {("k1", "reward"), ("k2", "loss")}
@@ -68,8 +67,9 @@ class _Controller:
 
 
 @dataclass
-class KLRL(TrainingConfig):
-    """REINFORCE, RLOO or PPO on the KL-penalised reward of a declared target."""
+class KLRL(PolicyEngineConfig):
+    """REINFORCE, RLOO or PPO on the KL-penalised reward of a declared target (RLOO groups
+    samples by context)."""
 
     algorithm: str = "rloo"  # reinforce (moving-average baseline) | rloo | ppo (RLOO advantages)
     kl_estimator: str = "k1"  # k1 | k2 | k3
@@ -81,10 +81,6 @@ class KLRL(TrainingConfig):
     ppo_minibatches: int = 1  # PPO: minibatches per pass (one optimizer step each)
     ppo_clip: float = 0.2  # PPO: ε of the clipped ratio
     constraint_penalty: float = -30.0  # log L given to sequences violating a hard constraint
-    contexts: Any = None  # list or datasets.Dataset of contexts (conditional targets)
-    contexts_per_step: int = 4  # contexts per step; RLOO groups samples by context
-    policy: SequenceDistribution | None = None  # defaults to a trainable copy of the prior
-    eval_samples: int = 4096  # draws for the final diagnostics (exact when enumerable)
     name: str = field(init=False, default="KLRL")
 
     def __post_init__(self) -> None:
@@ -110,8 +106,7 @@ class KLRL(TrainingConfig):
         self.name = f"KLRL-{self.algorithm}"
 
     def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
-        contexts = [context] if self.contexts is None else context_list(target, self.contexts)
-        policy = make_policy(target, contexts[0], self.policy)
+        contexts, policy = self.contexts_and_policy(target, context)
         controller = _Controller(self.kl_scale)
         trainer = Trainer(self, policy, self.name, {"controller": controller})
         updates_per_rollout = self.ppo_epochs * self.ppo_minibatches

@@ -16,6 +16,31 @@ from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
 
+from .base import require_positive
+from .training import TrainingConfig
+
+
+@dataclass
+class PolicyEngineConfig(TrainingConfig):
+    """What every policy engine adds to the training loop's settings."""
+
+    contexts: Any = None  # list or datasets.Dataset of contexts (conditional targets, CDPG)
+    contexts_per_step: int = 4  # contexts drawn per step; the batch is split between them
+    policy: SequenceDistribution | None = None  # defaults to a trainable copy of the prior
+    eval_samples: int = 4096  # draws for the final diagnostics (exact when enumerable)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive("contexts_per_step", self.contexts_per_step)
+        require_positive("eval_samples", self.eval_samples)
+
+    def contexts_and_policy(
+        self, target: Target, context: Any
+    ) -> tuple[list[Any], SequenceDistribution]:
+        """The contexts to train on and the policy to train (checked against the prior)."""
+        contexts = [context] if self.contexts is None else context_list(target, self.contexts)
+        return contexts, make_policy(target, contexts[0], self.policy)
+
 
 def context_list(target: Target, contexts: Any) -> list[Any]:
     """Contexts as a list: ``[NO_CONTEXT]`` for unconditional targets; a `datasets.Dataset`

@@ -244,7 +244,7 @@ def _config_identity(config: TrainingConfig) -> dict:
     """The settings a resumed run must share with the run that wrote the checkpoint."""
     identity = {k: v for k, v in asdict(config).items()
                 if k not in ("steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
-                             "progress")}
+                             "progress", "policy", "proposal")}
     return json.loads(json.dumps(identity, default=repr))
 
 

@@ -53,6 +53,22 @@ def brute_force_toy_a(kl_coef: float) -> dict[str, float]:
     }
 
 
+def conditional_world():
+    """Two contexts with first-token laws (.5,.3,.2) and (.1,.1,.8) (SPEC §10, CDPG oracle)."""
+    transition = torch.tensor(T, dtype=torch.float64)
+    priors = {
+        "a": TabularLM(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), transition, 3),
+        "b": TabularLM(torch.tensor([0.1, 0.1, 0.8], dtype=torch.float64), transition, 3),
+    }
+
+    @ba.target
+    def has_two(context):
+        y = pyro.sample("y", priors[context])
+        ba.constraint("has_two", (y.tokens == 2).any(-1))
+
+    return has_two
+
+
 @pytest.fixture
 def toy_a() -> ba.Target:
     return toy_a_target(1.0)

@@ -2,10 +2,9 @@
 
 import math
 
-import pyro
 import pytest
 import torch
-from conftest import P1, T
+from conftest import P1, T, conditional_world
 
 import bayesalign as ba
 from bayesalign.inference import QRS, Exact, Importance, Rejection
@@ -62,22 +61,6 @@ def test_policy_posterior_round_trip(tmp_path):
     loaded = ba.Posterior.load(tmp_path / "policy", policy=fresh)
     support = prior.enumerate_support()
     assert torch.allclose(loaded.log_prob(support), policy.log_prob(support))
-
-
-def conditional_world():
-    """Two contexts with first-token laws (.5,.3,.2) and (.1,.1,.8) (SPEC §10, CDPG oracle)."""
-    transition = torch.tensor(T, dtype=torch.float64)
-    priors = {
-        "a": TabularLM(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), transition, 3),
-        "b": TabularLM(torch.tensor([0.1, 0.1, 0.8], dtype=torch.float64), transition, 3),
-    }
-
-    @ba.target
-    def has_two(context):
-        y = pyro.sample("y", priors[context])
-        ba.constraint("has_two", (y.tokens == 2).any(-1))
-
-    return has_two
 
 
 def test_conditional_target_per_context_normalisers():

@@ -5,7 +5,7 @@ import math
 import pyro
 import pytest
 import torch
-from conftest import toy_a_prior, toy_a_target
+from conftest import conditional_world, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.diagnostics import kl
@@ -168,22 +168,6 @@ def test_f_dpg_divergences_move_towards_the_target(divergence):
     target = toy_a_target(1.0)
     post = DPG(divergence=divergence, baseline=True, **{**BUDGET, "steps": 1500}).fit(target)
     assert post.diagnostics.kl_target_policy < 0.05
-
-
-def conditional_world():
-    transition = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4]],
-                              dtype=torch.float64)
-    priors = {
-        "a": TabularLM(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), transition, 3),
-        "b": TabularLM(torch.tensor([0.1, 0.1, 0.8], dtype=torch.float64), transition, 3),
-    }
-
-    @ba.target
-    def has_two(context):
-        y = pyro.sample("y", priors[context])
-        ba.constraint("has_two", (y.tokens == 2).any(-1))
-
-    return has_two
 
 
 def test_cdpg_per_context_z_beats_one_global_z():
