@@ -22,7 +22,16 @@ import torch
 import bayesalign as ba
 from bayesalign import diagnostics as dx
 from bayesalign import plots
-from bayesalign.inference import QRS, BestOfN, Exact, Importance, QRSCurves, Rejection
+from bayesalign.inference import (
+    DPG,
+    KLRL,
+    QRS,
+    BestOfN,
+    Exact,
+    Importance,
+    QRSCurves,
+    Rejection,
+)
 from bayesalign.models import TabularLM
 from bayesalign.models.causal_lm import CausalLM
 from bayesalign.models.tiny import tiny_causal_lm
@@ -51,12 +60,13 @@ class DemoSizes:
     lm_rejection: int
     lm_batch: int
     lm_new_tokens: int
+    policy_steps: int
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoSizes:
         if quick:
-            return cls(1000, 4000, 50, 512, 128, 64, 256, 16)
-        return cls(10000, 20000, 200, 4096, 1024, 512, 512, 16)
+            return cls(1000, 4000, 50, 512, 128, 64, 256, 16, 300)
+        return cls(10000, 20000, 200, 4096, 1024, 512, 512, 16, 3000)
 
 
 def toy_a_target(kl_coef: float = 1.0) -> ba.Target:
@@ -154,9 +164,20 @@ def run_toy_a(sizes: DemoSizes) -> dict[str, Any]:
         ("Importance", Importance(num_samples=n)),
         ("BestOfN n=4", BestOfN(n=4, reward="r", num_samples=n)),
     ]
+    policy = {"steps": sizes.policy_steps, "batch_size": 64, "progress": False}
+    engines += [
+        ("DPG", DPG(**policy)),
+        ("DPG + baseline", DPG(baseline=True, **policy)),
+        ("DPG off-policy", DPG(off_policy=True, **policy)),
+        ("KLRL rloo", KLRL(algorithm="rloo", **policy)),
+        ("KLRL ppo", KLRL(algorithm="ppo", **policy)),
+    ]
+    histories = {}
     for label, engine in engines:
         posterior, seconds = _timed(lambda engine=engine: engine.fit(target))
         rows.append(_row(label, posterior, seconds))
+        if posterior.history:
+            histories[label] = posterior.history
     sweep = QRS(num_samples=sizes.sweep_samples).sweep(
         target, list(QRS_BETAS), num_bootstrap=sizes.num_bootstrap)
     frontier = [
@@ -172,7 +193,8 @@ def run_toy_a(sizes: DemoSizes) -> dict[str, Any]:
     ]
     return {"rows": rows, "exact_log_z": exact.log_z, "rejection_bound": bound,
             "sweep_samples": sizes.sweep_samples, "qrs_sweep": asdict(sweep),
-            "qrs_exact": asdict(exact_qrs_curves(target, QRS_BETAS)), "frontier": frontier}
+            "qrs_exact": asdict(exact_qrs_curves(target, QRS_BETAS)), "frontier": frontier,
+            "histories": histories}
 
 
 def run_tiny_lm(sizes: DemoSizes) -> dict[str, Any]:
@@ -320,12 +342,15 @@ def run_demo(output_dir: Path, quick: bool = False) -> str:
         plots.plot_qrs_tradeoff(QRSCurves(**toy["qrs_sweep"]), output_dir / "qrs_tradeoff.png",
                                 exact=QRSCurves(**toy["qrs_exact"])),
         plots.plot_reward_kl_frontier(toy["frontier"], output_dir / "reward_kl_frontier.png"),
+        plots.plot_ess_over_steps(toy["histories"]["DPG"], output_dir / "dpg_ess.png",
+                                  label="DPG on Toy A: ESS of p/π weights per batch"),
     ]
     seconds = time.perf_counter() - start
     emit("Figures: " + ", ".join(f"![{p.stem}]({p.name})" for p in figures)
          + f"\n\nTotal {seconds:.1f} s ({'quick' if quick else 'full'} mode).")
     report = "\n\n".join(sections)
     (output_dir / "results.md").write_text(report + "\n")
+    toy = {k: v for k, v in toy.items() if k != "histories"}  # per-step rows: in the figure
     results = {"quick": quick, "seconds": seconds, "toy_a": toy, "tiny_lm": lm}
     (output_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
     return report
