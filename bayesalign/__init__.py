@@ -8,7 +8,14 @@ from .diagnostics import Diagnostics
 from .distribution import SequenceDistribution
 from .errors import BayesAlignError
 from .evaluation import evaluate
-from .likelihood import MomentLambdas, constraint, log_sigmoid_centered, moment, reward
+from .likelihood import (
+    MomentLambdas,
+    constraint,
+    log_sigmoid_centered,
+    moment,
+    reference_reward,
+    reward,
+)
 from .posterior import Posterior
 from .sequences import Sequences
 from .target import Target, target
@@ -25,6 +32,7 @@ __all__ = [
     "evaluate",
     "log_sigmoid_centered",
     "moment",
+    "reference_reward",
     "reward",
     "target",
 ]

@@ -69,6 +69,29 @@ def log_sigmoid_centered(r: torch.Tensor, ref: float | torch.Tensor) -> torch.Te
     return F.logsigmoid(r - torch.as_tensor(ref, dtype=r.dtype, device=r.device))
 
 
+def reference_reward(
+    rewards: torch.Tensor, quantile: float = 0.85, method: str = "empirical"
+) -> torch.Tensor:
+    """LSC's ``r_ref``: a quantile of the prior's rewards, per context (SPEC §6).
+
+    ``rewards`` is ``[n]`` (one context) or ``[contexts, n]`` (rewards of n prior samples per
+    context). ``method="empirical"`` takes the sample quantile; ``"gaussian"`` takes
+    ``mean + std·Φ⁻¹(quantile)``, as the PAR reimplementation does. 0.85 is the paper's believed
+    default [recall].
+    """
+    if not 0 < quantile < 1:
+        raise ConfigError(f"reference quantile must be in (0, 1), got {quantile}")
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    if rewards.shape[-1] < 2 or not torch.isfinite(rewards).all():
+        raise ConfigError("reference rewards need at least 2 finite prior samples per context")
+    if method == "empirical":
+        return torch.quantile(rewards, quantile, dim=-1)
+    if method == "gaussian":
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(quantile, dtype=torch.float64))
+        return rewards.mean(-1) + rewards.std(-1) * z
+    raise ConfigError(f"method must be 'empirical' or 'gaussian', got {method!r}")
+
+
 class MomentLambdas(Messenger):
     """Effect handler giving each `moment` site its factor ``λ·φ(y)``, like ``poutine.condition``.
 

@@ -9,6 +9,7 @@ from conftest import brute_force_toy_a, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.diagnostics import kl
+from bayesalign.errors import ConfigError
 from bayesalign.inference import Exact
 
 # (kl_coef, Z, E_p r, KL(p‖a), KL(a‖p)) from SPEC §10: each is also recomputed by brute force.
@@ -139,3 +140,21 @@ def test_lsc_worked_values_and_and():
     both = ba.log_sigmoid_centered(r1, 0.2) + ba.log_sigmoid_centered(r2, 1.0)
     expected = (torch.sigmoid(r1 - 0.2) * torch.sigmoid(r2 - 1.0)).log()
     assert torch.allclose(both, expected, atol=1e-6)
+
+
+def test_lsc_reference_quantiles_per_context():
+    rewards = torch.stack([torch.linspace(0, 1, 101, dtype=torch.float64),
+                           torch.linspace(-2, 2, 101, dtype=torch.float64)])
+    ref = ba.reference_reward(rewards, quantile=0.85)
+    assert ref.tolist() == pytest.approx([0.85, 1.4])
+    generator = torch.Generator().manual_seed(0)
+    normal = 3.0 + 2.0 * torch.randn(200_000, generator=generator, dtype=torch.float64)
+    gaussian = ba.reference_reward(normal, quantile=0.85, method="gaussian")
+    empirical = ba.reference_reward(normal, quantile=0.85)
+    assert float(gaussian) == pytest.approx(3.0 + 2.0 * 1.0364334, abs=0.02)
+    assert float(empirical) == pytest.approx(float(gaussian), abs=0.03)
+    # A reward at the reference is "good" with probability ½.
+    assert float(ba.log_sigmoid_centered(ref, ref)[0].exp()) == pytest.approx(0.5)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="quantile must be in"):
+            ba.reference_reward(rewards, quantile=bad)
