@@ -12,6 +12,7 @@ import torch
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.sequences import Sequences, mask_through_eos
 
+from .adaptors import Adaptor, adapted_log_probs, make_adaptors
 from .enumeration import enumerate_sequences
 
 
@@ -33,9 +34,15 @@ class PrefixTreeLM(SequenceDistribution):
     # hard constraint forbids, whose logits must go to −inf.
     recommended_optimizer = ("adam", 0.01)
 
-    def __init__(self, logits: PrefixLogits, eos_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        logits: PrefixLogits,
+        eos_token_id: int | None = None,
+        adaptors: tuple[Adaptor, ...] = (),
+    ) -> None:
         super().__init__()
         self.logits = logits
+        self.adaptors = tuple(adaptors)
         self.length = len(logits.tables)
         self.vocab_size = logits.tables[0].shape[-1]
         self.eos_token_id = eos_token_id
@@ -46,6 +53,27 @@ class PrefixTreeLM(SequenceDistribution):
     ) -> PrefixTreeLM:
         return cls(PrefixLogits(tables), eos_token_id)
 
+    @classmethod
+    def from_law(
+        cls, support: Sequences, log_prob: torch.Tensor, vocab_size: int,
+        eos_token_id: int | None = None,
+    ) -> PrefixTreeLM:
+        """The autoregressive form of a law given on an enumerated support (e.g. an exact
+        posterior): table t holds ``log p(x_t | prefix)``; prefixes of zero mass get uniform rows."""
+        tokens, mask = support.tokens, support.mask
+        mass = log_prob.detach().double().exp()
+        tables = []
+        prefix = torch.zeros(len(support), dtype=torch.long)
+        for t in range(tokens.shape[1]):
+            live = mask[:, t]
+            joint = torch.zeros(vocab_size**t, vocab_size, dtype=torch.float64)
+            joint.index_put_((prefix[live], tokens[live, t]), mass[live], accumulate=True)
+            total = joint.sum(-1, keepdim=True)
+            uniform = torch.full_like(joint, 1.0 / vocab_size)
+            tables.append(torch.where(total > 0, joint / total.clamp(min=1e-300), uniform).log())
+            prefix = prefix * vocab_size + tokens[:, t]
+        return cls.from_conditionals(tables, eos_token_id)
+
     @property
     def module(self) -> PrefixLogits:
         return self.logits
@@ -53,6 +81,10 @@ class PrefixTreeLM(SequenceDistribution):
     def given(self, context: object) -> PrefixTreeLM:
         """Unconditional: shared by every context of a conditional target."""
         return self
+
+    def adapted(self, **adaptor_options: float | int | None) -> PrefixTreeLM:
+        """This LM under a sampling adaptor chain (`make_adaptors` options), as a proposal."""
+        return PrefixTreeLM(self.logits, self.eos_token_id, make_adaptors(**adaptor_options))
 
     def trainable_copy(self) -> PrefixTreeLM:
         tables = [t.detach() for t in self.logits.tables]
@@ -64,7 +96,7 @@ class PrefixTreeLM(SequenceDistribution):
             prefix = torch.zeros(num_samples, dtype=torch.long, device=device)
             columns = []
             for table in self.logits.tables:
-                probs = torch.softmax(table[prefix].double(), -1)
+                probs = adapted_log_probs(table[prefix].double(), self.adaptors).exp()
                 token = torch.multinomial(probs, 1).squeeze(-1)
                 columns.append(token)
                 prefix = prefix * self.vocab_size + token
@@ -79,7 +111,7 @@ class PrefixTreeLM(SequenceDistribution):
         prefix = torch.zeros(len(value), dtype=torch.long, device=device)
         columns = []
         for t in range(tokens.shape[1]):
-            log_probs = torch.log_softmax(self.logits.tables[t][prefix].double(), -1)
+            log_probs = adapted_log_probs(self.logits.tables[t][prefix].double(), self.adaptors)
             step = log_probs.gather(-1, tokens[:, t : t + 1]).squeeze(-1)
             columns.append(torch.where(mask[:, t], step, torch.zeros_like(step)))
             prefix = prefix * self.vocab_size + tokens[:, t]

@@ -1,0 +1,1 @@
+"""Runnable studies: each script writes a Markdown table and a PNG (``--quick`` for tests)."""
