@@ -13,7 +13,6 @@ fitted to noise. ``python -m experiments.tradeoff [--quick] [--output DIR]``.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
