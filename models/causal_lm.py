@@ -11,7 +11,7 @@ import copy
 import hashlib
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -26,10 +26,6 @@ from .adaptors import Adaptor, adapted_log_probs, make_adaptors
 
 Prompt = str | list[str] | None
 
-# Named priors that ship with the library: ``CausalLM.from_pretrained("bundled:NAME")`` calls
-# ``BUNDLED_MODELS[NAME](**kw)``. Builders register themselves here.
-BUNDLED_MODELS: dict[str, Callable[..., CausalLM]] = {}
-
 
 class CausalLM(SequenceDistribution):
     """Ancestral sampling and exact scoring of ``y | x`` for a transformers causal LM.
@@ -39,6 +35,9 @@ class CausalLM(SequenceDistribution):
     ``prompt`` a list, row ``i`` of a batch of ``n`` uses ``prompt[i // (n // len(prompt))]``
     (each prompt's samples are contiguous), and ``n`` must be a multiple of ``len(prompt)``.
     An adaptor chain (``adapted``) turns the prior into a locally normalised proposal.
+    With ``chat_template`` on, each prompt is encoded as one user turn of the tokenizer's chat
+    template followed by the assistant's header, so samples are assistant answers (an empty or
+    absent prompt still starts from the start token alone).
     The model should be in eval mode (or have no dropout): sampling and scoring must see one
     function for log q to be exact.
     """
@@ -51,10 +50,16 @@ class CausalLM(SequenceDistribution):
         max_new_tokens: int = 32,
         adaptors: Sequence[Adaptor] = (),
         prompt: Prompt = None,
+        chat_template: bool = False,
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
             raise ConfigError(f"CausalLM max_new_tokens must be >= 1, got {max_new_tokens}")
+        if chat_template and getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError(
+                "CausalLM chat_template=True but the tokenizer has no chat template; "
+                "pass chat_template=False to encode prompts as plain text"
+            )
         output = model.get_output_embeddings()
         self.vocab_size = int(getattr(output, "out_features", model.config.vocab_size))
         if len(tokenizer) > self.vocab_size:
@@ -67,6 +72,7 @@ class CausalLM(SequenceDistribution):
         self.max_new_tokens = max_new_tokens
         self.adaptors = tuple(adaptors)
         self.prompt = _check_prompt(prompt)
+        self.chat_template = chat_template
         self.eos_token_id = tokenizer.eos_token_id
         # Pad fills rows after their EOS; it is never read (masks are built by position).
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
@@ -83,18 +89,15 @@ class CausalLM(SequenceDistribution):
     ) -> CausalLM:
         """Load a model and tokenizer from a local directory (never from a hub).
 
-        ``"bundled:NAME"`` builds a model shipped with the library; ``kw`` go to ``CausalLM``.
+        ``"bundled:NAME"`` loads a prior shipped with the library (``models/bundled.py`` lists
+        them); ``kw`` go to ``CausalLM``.
         """
         path = str(path)
         if path.startswith("bundled:"):
-            name = path.removeprefix("bundled:")
-            if name not in BUNDLED_MODELS:
-                known = ", ".join(sorted(BUNDLED_MODELS)) or "none yet"
-                raise ConfigError(
-                    f"no bundled model named {name!r} exists (available: {known}); "
-                    "pass a local directory written by save_pretrained instead"
-                )
-            return BUNDLED_MODELS[name](**kw)
+            # Imported here: the registry imports this module, and loading it is rarely needed.
+            from .bundled import load_bundled
+
+            return load_bundled(path.removeprefix("bundled:"), dtype=dtype, device=device, **kw)
         if not Path(path).is_dir():
             raise ConfigError(
                 f"CausalLM.from_pretrained: {path!r} is not a local directory; models are "
@@ -162,7 +165,7 @@ class CausalLM(SequenceDistribution):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded context ids and attention mask, so every row's next token is last."""
         encoded = {
-            context: list(self.tokenizer(context)["input_ids"]) if context else []
+            context: self._context_ids(context) if context else []
             for context in dict.fromkeys(contexts)
         }
         rows = [encoded[context] or [self.start_token_id] for context in contexts]
@@ -174,6 +177,16 @@ class CausalLM(SequenceDistribution):
             input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[i, width - len(ids):] = 1
         return input_ids.to(device), attention.to(device)
+
+    def _context_ids(self, context: str) -> list[int]:
+        """One prompt's token ids: the text itself, or a user turn of the chat template."""
+        if not self.chat_template:
+            return list(self.tokenizer(context)["input_ids"])
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": context}], add_generation_prompt=True, tokenize=False
+        )
+        # The template writes its own special tokens; the tokenizer must not add a BOS again.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _check_length(self, context_width: int, new_tokens: int) -> None:
         """Fail clearly where a model with learned positions would index past its table."""
