@@ -113,6 +113,18 @@ class Eta:
         return logits.masked_fill(drop, NEG_INF)
 
 
+@dataclass(frozen=True)
+class BanTokens:
+    """Never sample these ids (conditional training's control tokens, PHF's ``bad_words_ids``)."""
+
+    token_ids: tuple[int, ...]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        banned[list(self.token_ids)] = True
+        return logits.masked_fill(banned, NEG_INF)
+
+
 Adaptor = Callable[[torch.Tensor], torch.Tensor]
 
 
