@@ -12,7 +12,6 @@ fitted to noise. ``python -m experiments.tradeoff [--quick] [--output DIR]``.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 import bayesalign as ba
 from bayesalign.inference import Exact
 from bayesalign.models import PrefixTreeLM, TabularLM
+
+from .cli import experiment_main
 
 INITIAL = (0.5, 0.3, 0.2)
 TRANSITION = ((0.6, 0.3, 0.1), (0.2, 0.5, 0.3), (0.3, 0.3, 0.4))
@@ -146,12 +147,7 @@ def _plot(points: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=Path("outputs/tradeoff"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(run(args.output, args.quick))
-    return 0
+    return experiment_main(run, __doc__.splitlines()[0], "outputs/tradeoff", argv)
 
 
 if __name__ == "__main__":
