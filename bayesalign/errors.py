@@ -31,3 +31,11 @@ class EmptySupportError(BayesAlignError, RuntimeError):
 
 class NotEnumerableError(BayesAlignError, TypeError):
     """An exact computation was asked of a prior whose support cannot be enumerated."""
+
+
+class ScorerError(BayesAlignError, RuntimeError):
+    """A scorer could not score a sample: bad input, an exception in its function, a dead worker."""
+
+
+class ScorerTimeoutError(ScorerError, TimeoutError):
+    """A sample took longer than the scorer's ``timeout`` and ``on_timeout='raise'``."""

@@ -3,9 +3,19 @@
 from .adaptors import Eta, Temperature, TopK, TopP, Typical, make_adaptors
 from .causal_lm import CausalLM
 from .prefix_tree import PrefixTreeLM
+from .scorers import compiles, parses, pep8, pep8_violations, pii, pii_detections
+from .scoring import PerCharacterPenalty, Scorer
 from .tabular import TabularLM, TabularLogits
 
 __all__ = [
+    "PerCharacterPenalty",
+    "Scorer",
+    "compiles",
+    "parses",
+    "pep8",
+    "pep8_violations",
+    "pii",
+    "pii_detections",
     "CausalLM",
     "Eta",
     "PrefixTreeLM",
