@@ -2,10 +2,11 @@
 
 Orientation: every scorer here returns a REWARD, higher is better. PHF's code computes a
 *misalignment* score, lower is better (pycodestyle violations or scrubadub PII detections per
-character); the paper's reward is its negation ``R = −score``, and this module is the one place
-that sign flips (through `PerCharacterPenalty`). So ``pep8(y)`` is ``−violations/characters``
-(0 for clean code), PHF's rule "aligned iff score ≤ t" reads ``R ≥ −t``, and a scorer plugs straight into ``ba.reward`` (and
-``parses``, a bool tensor, into ``ba.constraint``).
+character); the paper's reward is its negation ``R = −score``, and this module (through
+`PerCharacterPenalty`) is the one place that sign flips. So ``pep8(y)`` is
+``−violations/characters`` (0 for clean code), PHF's rule "aligned iff score ≤ t" reads
+``R ≥ −t``, and a scorer plugs straight into ``ba.reward`` (and ``parses``, a bool tensor, into
+``ba.constraint``).
 
 Each scorer is a `Scorer` (models/scoring.py): worker processes bound the time per sample and
 a failed sample scores worst, never best.
