@@ -2,12 +2,20 @@
 
 from .adaptors import Eta, Temperature, TopK, TopP, Typical, make_adaptors
 from .causal_lm import CausalLM
+from .comparisons import Comparisons, build_comparisons
+from .preference import PreferenceModel, pairwise_accuracy, pmp, train_preference_model
 from .prefix_tree import PrefixTreeLM
 from .scorers import compiles, parses, pep8, pep8_violations, pii, pii_detections
 from .scoring import PerCharacterPenalty, Scorer
 from .tabular import TabularLM, TabularLogits
 
 __all__ = [
+    "Comparisons",
+    "PreferenceModel",
+    "build_comparisons",
+    "pairwise_accuracy",
+    "pmp",
+    "train_preference_model",
     "PerCharacterPenalty",
     "Scorer",
     "compiles",
