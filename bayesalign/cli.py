@@ -48,10 +48,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    import torch
+
     from .errors import ConfigError
     from .models.pretraining import PretrainConfig, pretrain
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "threads")}
     try:
         output = pretrain(PretrainConfig(**options))
     except ConfigError as error:
@@ -92,6 +96,8 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
         help="steps between held-out evaluations (default: %(default)s)")
     add("--num-samples", type=int, default=64, metavar="N",
         help="unconditional samples for the card's parse rate (default: %(default)s)")
+    add("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's; "
+        "1 is often faster on cores shared with other jobs)")
     add("--resume", action=argparse.BooleanOptionalAction, default=True,
         help="continue from checkpoints in --output (default); --no-resume discards them")
     pretrain.set_defaults(run=_pretrain)

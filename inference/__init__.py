@@ -1,5 +1,7 @@
 """How a target is solved: engines sharing one protocol, ``fit(target, context) -> Posterior``."""
 
+from bayesalign.training import TrainingConfig, TrainingError, history_to_arviz, history_to_csv
+
 from .base import Engine
 from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law
 from .dpg import DPG
@@ -8,7 +10,6 @@ from .importance import Importance
 from .klrl import KLRL
 from .moments import MomentFit, fit_moments
 from .rejection import QRS, QRSCurves, Rejection, qrs_estimates
-from .training import TrainingConfig, TrainingError, history_to_arviz, history_to_csv
 
 __all__ = [
     "DPG",

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import ConfigError, VocabularyMismatchError
+from bayesalign.errors import VocabularyMismatchError
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
@@ -32,11 +32,6 @@ def seeded(seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def require_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
 
 
 def resolve_proposal(

@@ -24,10 +24,9 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, EmptySupportError
 from bayesalign.posterior import Posterior
 from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.training import Trainer, require_positive
 
-from .base import require_positive
 from .policy import PolicyEngineConfig, ScoredBatch, finish, pick_contexts, score_batch
-from .training import Trainer
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
 MAX_LOG_RATIO = 50.0

@@ -12,8 +12,9 @@ from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.training import require_positive
 
-from .base import batches, require_positive, resolve_proposal, seeded, weighted_draws
+from .base import batches, resolve_proposal, seeded, weighted_draws
 
 
 @dataclass

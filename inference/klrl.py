@@ -25,10 +25,9 @@ from bayesalign.errors import ConfigError
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.training import Trainer, require_positive
 
-from .base import require_positive
 from .policy import PolicyEngineConfig, finish, pick_contexts, score_batch
-from .training import Trainer
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 UNBIASED = {("k1", "reward"), ("k2", "loss")}

@@ -23,8 +23,9 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError, NotEnumerableError
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.training import require_positive
 
-from .base import batches, require_positive, resolve_proposal, seeded
+from .base import batches, resolve_proposal, seeded
 
 # A tilt exp(λ·φ) spanning more than e^700 over the sample overflows float64: λ is diverging.
 MAX_LOG_TILT = 700.0

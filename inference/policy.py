@@ -15,9 +15,7 @@ from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
-
-from .base import require_positive
-from .training import TrainingConfig
+from bayesalign.training import TrainingConfig, require_positive
 
 
 @dataclass

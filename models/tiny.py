@@ -21,7 +21,7 @@ from .causal_lm import CausalLM
 
 EOS_TOKEN = "<|endoftext|>"
 _BYTE_ALPHABET = 256
-_NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
+NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 
 
 def stdlib_texts(max_bytes: int = 1_000_000) -> list[str]:
@@ -34,7 +34,7 @@ def stdlib_texts(max_bytes: int = 1_000_000) -> list[str]:
     files = sorted(
         str(path.relative_to(root))
         for path in root.rglob("*.py")
-        if not (_NOT_STDLIB & set(path.relative_to(root).parts[:-1]))
+        if not (NOT_STDLIB & set(path.relative_to(root).parts[:-1]))
         and not path.name.startswith("test_")
     )
     random.Random(0).shuffle(files)

@@ -23,8 +23,8 @@ from bayesalign.errors import (
     VocabularyMismatchError,
 )
 from bayesalign.inference import DPG, KLRL, TrainingError, history_to_arviz, history_to_csv
-from bayesalign.inference.training import _verify
 from bayesalign.models import TabularLM
+from bayesalign.training import _verify
 
 SETTINGS = {"steps": 600, "batch_size": 32, "seed": 3, "progress": False}
 

@@ -31,10 +31,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import BayesAlignError, ConfigError
+from .distribution import SequenceDistribution
+from .errors import BayesAlignError, ConfigError
 
-from .base import require_positive
+
+def require_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
 
 
 class TrainingError(BayesAlignError, RuntimeError):
@@ -224,7 +227,7 @@ class Trainer:
         if meta["engine"] != self.engine or meta["config"] != _config_identity(self.config):
             raise ConfigError(
                 f"{checkpoint} was written by {meta['engine']} with another configuration "
-                f"({_diff(meta['config'], _config_identity(self.config))}); use a new "
+                f"({describe_differences(meta['config'], _config_identity(self.config))}); use a new "
                 "checkpoint_dir or the same settings"
             )
         load_model(self.module, str(checkpoint / "policy.safetensors"), device=str(self.device))
@@ -248,7 +251,8 @@ def _config_identity(config: TrainingConfig) -> dict:
     return json.loads(json.dumps(identity, default=repr))
 
 
-def _diff(a: dict, b: dict) -> str:
+def describe_differences(a: dict, b: dict) -> str:
+    """``key: A there, B here`` for every setting that differs (for resume errors)."""
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys) or "engine"
 

@@ -1,0 +1,131 @@
+"""Tokens for pretraining: a byte-level BPE trained on the training split, each split encoded
+once into a flat token file, and fixed-length blocks drawn from it in a seeded order.
+
+Documents are written as ``EOS d1 EOS d2 EOS …``, so a block may span documents (GPT-2 packing)
+and every document follows an EOS, the token an unconditional sample starts from. A block's
+position in the training order is a function of (seed, epoch) alone, so a resumed run needs no
+data-loader state to see exactly the batches the uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from bayesalign.errors import ConfigError
+
+from ..tiny import train_tokenizer
+
+_ENCODE_BATCH = 256  # documents per tokenizer call
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """A prepared data folder: its tokenizer and the per-split counts."""
+
+    folder: Path
+    tokenizer: PreTrainedTokenizerFast
+    counts: dict  # {"train": {"documents", "tokens"}, "heldout": {...}, "dtype": name}
+
+    def blocks(self, part: str, block_size: int, seed: int = 0) -> Blocks:
+        return Blocks(self.folder / f"{part}.bin", np.dtype(self.counts["dtype"]), block_size, seed)
+
+
+def prepare_tokens(
+    folder: Path, streams: Callable[[str], Iterable[str]], vocab_size: int, corpus_name: str,
+) -> TokenData:
+    """Train the tokenizer on ``streams("train")`` and encode both splits into ``folder``.
+
+    Written into a temporary folder then renamed, so an interrupted preparation is redone
+    rather than half-used; an existing ``folder`` is reused as it is.
+    """
+    if not folder.exists():
+        tmp = folder.with_name(f".tmp-{folder.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tokenizer = train_tokenizer(streams("train"), vocab_size)
+        dtype = np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.uint32)
+        counts = {part: write_tokens(streams(part), tokenizer, tmp / f"{part}.bin", dtype)
+                  for part in ("train", "heldout")}
+        counts["dtype"] = dtype.name
+        for part in ("train", "heldout"):
+            if counts[part]["documents"] == 0:
+                raise ConfigError(f"--corpus {corpus_name}: the {part} split has no text; "
+                                  "add files or change --heldout-fraction")
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "tokens.json").write_text(json.dumps(counts, indent=1))
+        os.replace(tmp, folder)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return TokenData(folder, tokenizer, json.loads((folder / "tokens.json").read_text()))
+
+
+def write_tokens(documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, path: Path,
+                 dtype: np.dtype) -> dict[str, int]:
+    """Encode ``EOS d1 EOS d2 … EOS`` into a flat binary file; return document and token counts."""
+    eos = tokenizer.eos_token_id
+    count = {"documents": 0, "tokens": 1}
+    with path.open("wb") as f:
+        np.array([eos], dtype=dtype).tofile(f)
+        for batch in _batched(documents, _ENCODE_BATCH):
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                np.array([*ids, eos], dtype=dtype).tofile(f)
+                count["documents"] += 1
+                count["tokens"] += len(ids) + 1
+    return count
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+class Blocks:
+    """The ``block_size + 1``-token windows ``tokens[i·B : (i+1)·B + 1]`` of a token file
+    (inputs and their next tokens), visited in a fresh seeded permutation every epoch."""
+
+    def __init__(self, path: Path, dtype: np.dtype, block_size: int, seed: int = 0) -> None:
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        self.block_size = block_size
+        self.seed = seed
+        self.count = (len(self.tokens) - 1) // block_size
+        if self.count < 1:
+            raise ConfigError(
+                f"{path.name}: {len(self.tokens)} tokens cannot fill one block of "
+                f"--block-size {block_size} (+1); lower --block-size or add text"
+            )
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def block(self, index: int) -> np.ndarray:
+        start = index * self.block_size
+        return self.tokens[start:start + self.block_size + 1]
+
+    def rows(self, indices: Iterable[int]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.block(int(i)) for i in indices]).astype(np.int64))
+
+    def batch(self, first: int, size: int) -> torch.Tensor:
+        """Blocks at positions ``first … first + size - 1`` of the endless training order."""
+        return self.rows(self._order_of(epoch)[offset]
+                         for epoch, offset in (divmod(p, self.count) for p in range(first, first + size)))
+
+    def evenly_spaced(self, size: int) -> torch.Tensor:
+        """A fixed evaluation set: ``size`` blocks spread over the whole file."""
+        return self.rows(np.unique(np.linspace(0, self.count - 1, min(size, self.count)).round()))
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return self._order
