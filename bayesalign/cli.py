@@ -8,6 +8,7 @@ command line (``--help``, a typo) does not wait for them.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,9 +56,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "threads")}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "run", "threads", "argv")}
+    # The card records the command as typed, also when main() is called with an argv list.
+    typed = shlex.join(["bayesalign", *args.argv])
     try:
-        output = pretrain(PretrainConfig(**options))
+        output = pretrain(PretrainConfig(**options, command=typed))
     except ConfigError as error:
         print(f"bayesalign pretrain: error: {error}", file=sys.stderr)
         return 2
@@ -141,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayesalign`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.run(args)
 
 
