@@ -119,9 +119,19 @@ def run(output: Path, quick: bool) -> str:
     output.mkdir(parents=True, exist_ok=True)
     sizes = Sizes.for_mode(quick)
     prior = load_prior(quick, sizes.new_tokens)
+    rows: list[dict] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        rows = [row for kl_coef in sizes.kl_coefs for row in run_engines(prior, kl_coef, sizes)]
+        for kl_coef in sizes.kl_coefs:
+            rows += run_engines(prior, kl_coef, sizes)
+            # Written after every kl_coef, so a long full run that is stopped keeps its rows.
+            report = _report(rows, sizes, quick)
+            (output / "pep8_frontier.md").write_text(report + "\n")
+    _plot(rows, output / "pep8_frontier.png")
+    return report
+
+
+def _report(rows: list[dict], sizes: Sizes, quick: bool) -> str:
     baseline = next(r["violations_per_char"] for r in rows if r["engine"] == "prior")
     lines = ["| kl_coef | engine | PEP8 violations / char | × fewer than prior | KL(π‖a) nats |",
              "|---|---|---|---|---|"]
@@ -131,10 +141,7 @@ def run(output: Path, quick: bool) -> str:
                      f"{ratio:.2f} | {r['kl_policy_prior']:.3f} |")
     title = ("## PEP8 frontier (" + ("tiny random GPT-2, quick" if quick else "bundled:code-small")
              + f", {sizes.new_tokens} new tokens, {sizes.samples} samples per engine)")
-    report = "\n".join([title, "", *lines])
-    (output / "pep8_frontier.md").write_text(report + "\n")
-    _plot(rows, output / "pep8_frontier.png")
-    return report
+    return "\n".join([title, "", *lines])
 
 
 def _plot(rows: list[dict], path: Path) -> None:
