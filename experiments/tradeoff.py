@@ -15,17 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyro
 import torch
 
-import bayesalign as ba
+from bayesalign.demo import toy_a_target
 from bayesalign.inference import Exact
-from bayesalign.models import PrefixTreeLM, TabularLM
+from bayesalign.models import PrefixTreeLM
 
 from .cli import experiment_main
 
-INITIAL = (0.5, 0.3, 0.2)
-TRANSITION = ((0.6, 0.3, 0.1), (0.2, 0.5, 0.3), (0.3, 0.3, 0.4))
 KL_COEFS = (0.5, 1.0, 2.0)
 ADAPTORS = {
     "ancestral": {},
@@ -51,18 +48,6 @@ class TypicalFit:
     pearson: float
     identity_gap: float  # max |Ā + R̄/β − (log Z − H(q))| over typical corpora
     log_z_minus_entropy: float
-
-
-def toy_a_target(kl_coef: float) -> ba.Target:
-    prior = TabularLM(torch.tensor(INITIAL, dtype=torch.float64),
-                      torch.tensor(TRANSITION, dtype=torch.float64), 3)
-
-    @ba.target
-    def toy_a():
-        y = pyro.sample("y", prior)
-        ba.reward("r", (y.tokens == 2).sum(-1).double(), kl_coef=kl_coef)
-
-    return toy_a
 
 
 def typical_corpora(kl_coef: float, corpus_size: int, corpora: int, epsilon: float,
