@@ -41,12 +41,19 @@ def resolve_proposal(
     prior = target.prior(context)
     if proposal is None:
         return prior, prior
-    if proposal.vocabulary_id != prior.vocabulary_id:
-        raise VocabularyMismatchError(
-            f"proposal vocabulary {proposal.vocabulary_id} differs from the prior's "
-            f"{prior.vocabulary_id}; log P/q is meaningless across tokenizers"
-        )
+    require_same_vocabulary("proposal", proposal, prior)
     return prior, proposal
+
+
+def require_same_vocabulary(
+    role: str, distribution: SequenceDistribution, prior: SequenceDistribution
+) -> None:
+    """A proposal or policy must share the prior's tokens: log-ratios across tokenizers mean nothing."""
+    if distribution.vocabulary_id != prior.vocabulary_id:
+        raise VocabularyMismatchError(
+            f"{role} vocabulary {distribution.vocabulary_id} differs from the prior's "
+            f"{prior.vocabulary_id}; log-ratios across tokenizers are meaningless"
+        )
 
 
 def weighted_draws(

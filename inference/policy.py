@@ -10,12 +10,14 @@ import torch
 
 from bayesalign.diagnostics import Diagnostics
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import ConfigError, VocabularyMismatchError
+from bayesalign.errors import ConfigError
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.target import NO_CONTEXT, Target
 from bayesalign.training import TrainingConfig, require_positive
+
+from .base import require_same_vocabulary
 
 
 @dataclass
@@ -36,15 +38,12 @@ class PolicyEngineConfig(TrainingConfig):
         self, target: Target, context: Any
     ) -> tuple[list[Any], SequenceDistribution]:
         """The contexts to train on and the policy to train (checked against the prior)."""
-        contexts = [context] if self.contexts is None else context_list(target, self.contexts)
+        contexts = [context] if self.contexts is None else context_list(self.contexts)
         return contexts, make_policy(target, contexts[0], self.policy)
 
 
-def context_list(target: Target, contexts: Any) -> list[Any]:
-    """Contexts as a list: ``[NO_CONTEXT]`` for unconditional targets; a `datasets.Dataset`
-    gives its ``context`` (or ``prompt``) column."""
-    if contexts is None:
-        return [NO_CONTEXT]
+def context_list(contexts: Any) -> list[Any]:
+    """Contexts as a list; a `datasets.Dataset` gives its ``context`` (or ``prompt``) column."""
     if hasattr(contexts, "column_names"):
         for column in ("context", "prompt"):
             if column in contexts.column_names:
@@ -62,11 +61,7 @@ def make_policy(target: Target, context: Any, policy: SequenceDistribution | Non
     prior = target.prior(context)
     if policy is None:
         return prior.trainable_copy()
-    if policy.vocabulary_id != prior.vocabulary_id:
-        raise VocabularyMismatchError(
-            f"policy vocabulary {policy.vocabulary_id} differs from the prior's "
-            f"{prior.vocabulary_id}"
-        )
+    require_same_vocabulary("policy", policy, prior)
     return policy
 
 
