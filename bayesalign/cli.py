@@ -68,15 +68,23 @@ def _pretrain(args: argparse.Namespace) -> int:
             from .inference.pretraining_run import pretrain_target
 
             output = pretrain_target(options, typed)
-            print(f"Wrote the model, tokenizer, pretraining.json and training/ to {output}")
+            _print_once(f"Wrote the model, tokenizer, pretraining.json and training/ to {output}")
             return 0
         mle_options = {k: v for k, v in options.items() if k not in _TARGET_OPTIONS}
         output = pretrain(PretrainConfig(**mle_options, command=typed))
     except ConfigError as error:
         print(f"bayesalign pretrain: error: {error}", file=sys.stderr)
         return 2
-    print(f"Wrote the model, tokenizer, MODEL_CARD.md and card.json to {output}")
+    _print_once(f"Wrote the model, tokenizer, MODEL_CARD.md and card.json to {output}")
     return 0
+
+
+def _print_once(message: str) -> None:
+    """Print on the main process only (``accelerate launch`` runs this command on every rank)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(message)
 
 
 # Options of PHF objectives on a target (inference/pretraining_run.py), not of plain MLE.

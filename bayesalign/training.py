@@ -1,11 +1,16 @@
 """One training loop for every policy engine (DPG, CDPG, KL-RL): device, precision, accumulation,
 progress, per-step history, and checkpoints that resume exactly.
 
-Checkpoints are written by this module (safetensors weights, optimizer, RNG states, engine state,
-history) rather than ``accelerate.save_state``: the policy's parameters are used outside a module
-forward (a `TabularLM` has none), so they are not wrapped by DDP, and gradients are averaged across
-processes here. A checkpoint is written to a temporary folder, checksummed, then renamed, so a
-kill mid-write never leaves a half checkpoint; resume skips a corrupted one and says so.
+Data parallel: the policy's parameters are used outside a module forward (a `TabularLM` has
+none), so they are not wrapped by DDP; gradients are averaged across processes here. Fully
+sharded (an accelerate FSDP launch, engines that pass ``supports_fsdp``): the module is sharded
+by `bayesalign.sharding` and FSDP averages the gradients.
+
+Checkpoints are written by this module (safetensors weights and optimizer state keyed by
+parameter name, RNG states, engine state, history) rather than ``accelerate.save_state``, so a
+data-parallel and a sharded run write the same files. A checkpoint is written to a temporary
+folder, checksummed, then renamed, so a kill mid-write never leaves a half checkpoint; resume
+skips a corrupted one and says so.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .distribution import SequenceDistribution
 from .errors import BayesAlignError, ConfigError
+from .sharding import (
+    full_state,
+    load_full_state,
+    local_parameter_fraction,
+    plan_from_launch,
+    shard,
+    unsharded,
+)
 
 
 def require_positive(name: str, value: float) -> None:
@@ -85,6 +98,11 @@ class Trainer:
     step, so that a data-driven ``step_fn`` reads a new slice at each accumulation. ``state``
     maps names to engine objects with ``state_dict``/``load_state_dict`` (running Ẑ, the
     off-policy proposal, the adaptive kl_coef), checkpointed with the policy.
+
+    Engines whose steps only run the module's forward on data (pretraining) pass
+    ``supports_fsdp``, and name in ``separately_called`` any submodule they call outside that
+    forward (a value head). After `run`, ``module`` is the trained module, unsharded, on every
+    process.
     """
 
     def __init__(
@@ -93,6 +111,8 @@ class Trainer:
         policy: SequenceDistribution,
         engine: str,
         state: dict[str, Any] | None = None,
+        supports_fsdp: bool = False,
+        separately_called: Sequence[torch.nn.Module] = (),
     ) -> None:
         self.config = config
         self.policy = policy
@@ -100,15 +120,14 @@ class Trainer:
         self.state = dict(state or {})
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=config.mixed_precision)
-        sharded = self.accelerator.distributed_type
-        if sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(
-                f"{engine}: accelerate's {sharded.value} would shard the model and optimizer, but "
-                "this Trainer averages whole gradients and checkpoints whole weights itself; launch "
-                "with configs/accelerate/ddp.yaml (data parallel) instead"
+                f"{engine}: DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml "
+                "(FSDP shards weights, gradients and optimizer state like ZeRO-3) or ddp.yaml"
             )
         self.module = policy.module
         self.module.to(self.accelerator.device)
+        self.sharded_from = self._shard(supports_fsdp, separately_called)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"{engine}: the policy has no trainable parameters")
@@ -120,9 +139,35 @@ class Trainer:
         self.start_step = 0
         self.micro_step = 0
 
+    def _shard(self, supports_fsdp: bool,
+               separately_called: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
+        """Shard the module if this is an FSDP launch; returns its meta skeleton (None if not)."""
+        plan = plan_from_launch(self.accelerator)
+        if plan is None:
+            return None
+        if not supports_fsdp:
+            raise ConfigError(
+                f"{self.engine} samples from its policy within each step, and each process stops "
+                "sampling at its own length, which FSDP's lockstep weight gathers do not allow; "
+                "launch with configs/accelerate/ddp.yaml"
+            )
+        if self.accelerator.mixed_precision == "fp16":
+            raise ConfigError(f"{self.engine}: FSDP with fp16 needs a sharded grad scaler; use "
+                              "mixed_precision bf16 (or no)")
+        if not torch.distributed.is_initialized():
+            warnings.warn(f"{self.engine}: an FSDP launch with one process shards nothing; "
+                          "training unsharded", stacklevel=3)
+            return None
+        return shard(self.module, plan, self.engine, separately_called)
+
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def local_parameter_fraction(self) -> float:
+        """Share of the parameters this process holds (about 1 / processes under FSDP)."""
+        return local_parameter_fraction(self.module)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All processes' values (for global weight normalisation, DESIGN.md 'Scale')."""
@@ -158,6 +203,9 @@ class Trainer:
                 ):
                     self.save_checkpoint(done)
             bar.close()
+        if self.sharded_from is not None:
+            self.module = unsharded(self.module, self.sharded_from, self.device)
+            self.sharded_from = None
         return self.history
 
     def _optimizer_step(self, step: int, step_fn: StepFn) -> dict[str, float]:
@@ -165,6 +213,8 @@ class Trainer:
         rows: list[dict[str, float]] = []
         self.optimizer.zero_grad(set_to_none=True)
         for self.micro_step in range(accumulation):
+            if self.sharded_from is not None:  # FSDP reduces gradients at the last micro-batch
+                self.module.set_requires_gradient_sync(self.micro_step == accumulation - 1)
             with self.accelerator.autocast():
                 loss, metrics = step_fn(step)
             if not torch.isfinite(loss):
@@ -200,7 +250,7 @@ class Trainer:
 
     def _average_gradients(self) -> None:
         """All-reduce every gradient in one flat buffer (one collective per step, not per tensor)."""
-        if self.accelerator.num_processes == 1:
+        if self.accelerator.num_processes == 1 or self.sharded_from is not None:
             return
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
@@ -228,9 +278,10 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+        weights, optimizer_state = full_state(self.module, self.optimizer)  # on every process
         if self.accelerator.is_main_process:
-            save_model(self.module, str(tmp / "policy.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(weights, str(tmp / "policy.safetensors"))
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / "engine.pt")
             meta = {"step": step, "engine": self.engine, "config": _config_identity(self.config),
                     "history": self.history}
@@ -267,9 +318,12 @@ class Trainer:
             )
         # Multi-process CPU runs get device "cpu:0", which safetensors and torch.load refuse.
         device = "cpu" if self.device.type == "cpu" else str(self.device)
-        load_model(self.module, str(checkpoint / "policy.safetensors"), device=device)
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt",
-                                                  map_location=device))
+        sharded = self.sharded_from is not None
+        weights, optimizer_state = {}, {}
+        if self.accelerator.is_main_process or not sharded:  # FSDP broadcasts the main's copy
+            weights = load_file(str(checkpoint / "policy.safetensors"), device="cpu")
+            optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu")
+        load_full_state(self.module, self.optimizer, weights, optimizer_state, sharded)
         engine_state = torch.load(checkpoint / "engine.pt", map_location=device,
                                   weights_only=False)
         for name, obj in self.state.items():

@@ -132,8 +132,12 @@ class Pretraining(TrainingConfig):
             training.learning_rate = PRESETS[self.preset].learning_rate
         training.optimizer = training.optimizer or "adam"
         identity = {**{k: getattr(self, k) for k in _RUN_OPTIONS}, "data": data.meta["identity"]}
+        value_head = getattr(model, "value_head", None)
         trainer = Trainer(training, CausalLM(model, data.tokenizer), f"Pretraining[{self.objective}]",
-                          state={"run": _RunIdentity(identity)})
+                          state={"run": _RunIdentity(identity)}, supports_fsdp=True,
+                          separately_called=() if value_head is None else (value_head,))
+        sharding = {"fsdp": trainer.sharded_from is not None,
+                    "parameter_fraction_per_process": trainer.local_parameter_fraction}
         blocks = data.blocks(self.block_size, self.seed)
         rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         threshold = data.meta["threshold"]
@@ -148,9 +152,10 @@ class Pretraining(TrainingConfig):
                               threshold)
 
         history = trainer.run(step_fn)
+        model = trainer.module  # unsharded again after an FSDP run
         if hasattr(model, "value_head"):
             del model.value_head  # trained with the policy, not part of the saved LM
-        return self._posterior(target, context, corpus, data, model.eval(), history)
+        return self._posterior(target, context, corpus, data, model.eval(), history, sharding)
 
     def _model(self, tokenizer: Any) -> torch.nn.Module:
         """The LM to train, with control-token embeddings initialised and, for AWR, a value head."""
@@ -207,7 +212,7 @@ class Pretraining(TrainingConfig):
         return loss, metrics
 
     def _posterior(self, target: Target, context: Any, corpus: Corpus, data: PreparedData,
-                   model: torch.nn.Module, history: list[dict]) -> Posterior:
+                   model: torch.nn.Module, history: list[dict], sharding: dict) -> Posterior:
         """The trained LM as a `Posterior`; conditional training samples given ``<|good|>``."""
         tokenizer = data.tokenizer
         if self.objective == "conditional":
@@ -221,7 +226,7 @@ class Pretraining(TrainingConfig):
             samples = policy.sample_batch(self.num_samples)
         config = {"objective": self.objective, "threshold_quantile": self.threshold_quantile,
                   **{k: v for k, v in data.meta.items() if k not in ("identity", "dtype")},
-                  **{k: getattr(self, k) for k in _RUN_OPTIONS}}
+                  **{k: getattr(self, k) for k in _RUN_OPTIONS}, "sharding": sharding}
         post = Posterior(samples, engine=f"Pretraining[{self.objective}]", target=target,
                          context=context, policy=policy, law=policy.log_prob, history=history,
                          config=config)

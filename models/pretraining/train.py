@@ -179,8 +179,10 @@ def pretrain(config: PretrainConfig) -> Path:
                        mixed_precision=config.mixed_precision, max_grad_norm=config.max_grad_norm,
                        checkpoint_dir=str(work / "checkpoints"),
                        checkpoint_every=config.checkpoint_every, seed=config.seed, progress=False),
-        prior, engine="pretrain",
+        prior, engine="pretrain", supports_fsdp=True,
     )
+    sharding = {"fsdp": trainer.sharded_from is not None,
+                "parameter_fraction_per_process": trainer.local_parameter_fraction}
     device, rank = trainer.device, trainer.accelerator.process_index
     world = trainer.accelerator.num_processes
     train_blocks = data.blocks("train", config.block_size, config.seed)
@@ -205,6 +207,8 @@ def pretrain(config: PretrainConfig) -> Path:
         return loss, metrics
 
     history = trainer.run(step_fn)
+    model = trainer.module  # unsharded again after an FSDP run
+    prior = CausalLM(model, data.tokenizer, max_new_tokens=config.sample_tokens)
     progress.close()
     if trainer.start_step > config.max_steps:
         raise ConfigError(f"{work / 'checkpoints'} holds step {trainer.start_step}, past "
@@ -218,6 +222,7 @@ def pretrain(config: PretrainConfig) -> Path:
         curve = [[row["step"], row["heldout_loss"]] for row in history if "heldout_loss" in row]
         curve.append([config.max_steps, final_loss])
         card = _card(config, corpus, data, prior, curve, history, world, str(device))
+        card["sharding"] = sharding
         write_card(output, card)
         progress.line(f"wrote {output}: held-out loss {final_loss:.3f} "
                       f"(perplexity {card['heldout_perplexity']:.1f}), "

@@ -1,0 +1,175 @@
+"""Fully sharded data parallel (torch FSDP2) for the `Trainer`, set up from accelerate's FSDP config.
+
+``accelerate launch --config_file configs/accelerate/fsdp.yaml`` sets ``ACCELERATE_USE_FSDP`` and
+the ``FSDP_*`` variables. On GPUs accelerate then reports ``DistributedType.FSDP``; on CPUs (gloo)
+it falls back to plain multi-CPU and ignores them. Reading the config through accelerate's own
+`FullyShardedDataParallelPlugin` and sharding with ``fully_shard`` here gives one code path for
+both, so the 2-process CPU tests exercise what a multi-GPU run executes.
+
+Each transformer block, each module the caller names as called outside the model's forward (AWR's
+value head) and then the model itself become FSDP units: a process keeps 1/N of every parameter,
+gradient and Adam moment, and gathers a unit's full weights only while it runs. Checkpoints hold
+full (unsharded) state dicts keyed by parameter name, the same files a data-parallel run writes,
+so either launch resumes the other's checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .errors import ConfigError
+
+FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it, on CPU
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """What accelerate's FSDP config asks for, in the terms ``fully_shard`` takes."""
+
+    wrap_blocks: bool  # one unit per transformer block (TRANSFORMER_BASED_WRAP); else the model only
+    block_classes: tuple[str, ...]  # class names of those blocks; () = the model's _no_split_modules
+    reshard_after_forward: bool
+    offload_policy: Any  # torch's OffloadPolicy (none) or CPUOffloadPolicy
+    activation_checkpointing: bool
+
+
+def plan_from_launch(accelerator: Accelerator) -> ShardingPlan | None:
+    """The FSDP plan of this launch, or None for data parallel / single process."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables of the launch
+    else:
+        return None
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"fsdp_version {plugin.fsdp_version} is not supported: set "
+                          "fsdp_version: 2 in the accelerate config (torch's fully_shard)")
+    wrap = getattr(plugin.auto_wrap_policy, "__name__", None)
+    if wrap not in (None, "transformer_auto_wrap_policy"):
+        raise ConfigError(f"fsdp_auto_wrap_policy {wrap} is not supported: use "
+                          "TRANSFORMER_BASED_WRAP (one unit per transformer block) or NO_WRAP")
+    return ShardingPlan(wrap_blocks=wrap is not None,
+                        block_classes=tuple(plugin.transformer_cls_names_to_wrap or ()),
+                        reshard_after_forward=bool(plugin.reshard_after_forward),
+                        offload_policy=plugin.cpu_offload,
+                        activation_checkpointing=bool(plugin.activation_checkpointing))
+
+
+def shard(module: torch.nn.Module, plan: ShardingPlan, engine: str,
+          separately_called: Sequence[torch.nn.Module] = ()) -> torch.nn.Module:
+    """Shard ``module`` in place across all processes; returns a meta-device skeleton of it.
+
+    The skeleton (same classes, no storage) is what `unsharded` fills with the trained weights.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    skeleton = _meta_copy(module)
+    units = _blocks(module, plan, engine) if plan.wrap_blocks else []
+    if plan.activation_checkpointing:
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{engine}: fsdp_activation_checkpointing needs a transformers "
+                              f"model that supports it; {type(module).__name__} does not")
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Our losses never write in place into a model's output, which is what this warns about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    device = next(module.parameters()).device
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    options = {"mesh": mesh, "reshard_after_forward": plan.reshard_after_forward,
+               "offload_policy": plan.offload_policy}
+    for unit in [*units, *separately_called]:
+        fully_shard(unit, **options)
+    fully_shard(module, **options)
+    return skeleton
+
+
+def _blocks(module: torch.nn.Module, plan: ShardingPlan, engine: str) -> list[torch.nn.Module]:
+    """The transformer blocks to shard one by one (a unit's weights are gathered together)."""
+    classes = plan.block_classes or tuple(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in module.modules() if type(m).__name__ in classes]
+    if not blocks:
+        named = f"no module of class {', '.join(classes)}" if classes else "no transformer block"
+        raise ConfigError(f"{engine}: FSDP found {named} in {type(module).__name__} to shard; "
+                          "set fsdp_transformer_layer_cls_to_wrap in the accelerate config, or "
+                          "fsdp_auto_wrap_policy: NO_WRAP")
+    return blocks
+
+
+def local_parameter_fraction(module: torch.nn.Module) -> float:
+    """Share of the parameters this process holds: 1 unsharded, about 1/N under FSDP."""
+    params = list(module.parameters())
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+    return local / sum(p.numel() for p in params)
+
+
+def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Weights (tied duplicates dropped) and optimizer state keyed by parameter name, on the
+    main process' CPU; empty elsewhere under FSDP. Every process must call it."""
+    weights = get_model_state_dict(module, options=FULL_ON_MAIN)
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=FULL_ON_MAIN)
+    kept = {name for name, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    return {k: v.contiguous() for k, v in weights.items() if k in kept}, optimizer_state
+
+
+def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict,
+                    optimizer_state: dict, sharded: bool) -> None:
+    """Inverse of `full_state`. Sharded: the main process' dicts are broadcast (the others pass
+    empty ones); tied parameters dropped on saving are filled from the name that was kept."""
+    for alias, name in _tied_aliases(module).items():
+        if name in weights:
+            weights[alias] = weights[name]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    set_model_state_dict(module, weights, options=options)
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+
+
+def unsharded(module: torch.nn.Module, skeleton: torch.nn.Module,
+              device: torch.device) -> torch.nn.Module:
+    """A plain module holding ``module``'s full weights on every process (for sampling, saving
+    and evaluating after training, which no longer run in lockstep). Every process must call it."""
+    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    plain = skeleton.to_empty(device=device)
+    plain.load_state_dict({k: v.detach().to(device) for k, v in weights.items()})
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()  # to_empty gave tied parameters separate storage
+    if getattr(plain, "is_gradient_checkpointing", False):
+        plain.gradient_checkpointing_disable()
+    return plain
+
+
+def _tied_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """Second and later names of a shared parameter -> its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        aliases.update({name: first[id(param)]} if id(param) in first else {})
+        first.setdefault(id(param), name)
+    return aliases
+
+
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s structure with every tensor on the meta device (no memory, ties kept)."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter) else empty)
+    return copy.deepcopy(module, memo)
