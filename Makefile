@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 # TORCH_SPEC pins the CPU wheel that lies on this machine's disk; on a GPU machine run
-# e.g. `make test TORCH_SPEC='torch>=2.4'` to keep or install a CUDA build instead.
+# e.g. `make test TORCH_SPEC='torch>=2.6'` to keep or install a CUDA build instead.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0

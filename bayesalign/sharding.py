@@ -121,12 +121,16 @@ def local_parameter_fraction(module: torch.nn.Module) -> float:
 
 
 def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Weights (tied duplicates dropped) and optimizer state keyed by parameter name, on the
-    main process' CPU; empty elsewhere under FSDP. Every process must call it."""
+    """`full_weights` and the optimizer state keyed by parameter name, on the main process' CPU;
+    empty elsewhere under FSDP. Every process must call it."""
+    return full_weights(module), get_optimizer_state_dict(module, optimizer, options=FULL_ON_MAIN)
+
+
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights (tied duplicates dropped) on the main process' CPU (collective under FSDP)."""
     weights = get_model_state_dict(module, options=FULL_ON_MAIN)
-    optimizer_state = get_optimizer_state_dict(module, optimizer, options=FULL_ON_MAIN)
     kept = {name for name, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
-    return {k: v.contiguous() for k, v in weights.items() if k in kept}, optimizer_state
+    return {k: v.contiguous() for k, v in weights.items() if k in kept}
 
 
 def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict,

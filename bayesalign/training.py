@@ -2,13 +2,14 @@
 progress, per-step history, and checkpoints that resume exactly.
 
 Data parallel: the policy's parameters are used outside a module forward (a `TabularLM` has
-none), so they are not wrapped by DDP; gradients are averaged across processes here. Fully
-sharded (an accelerate FSDP launch, engines that pass ``supports_fsdp``): the module is sharded
-by `bayesalign.sharding` and FSDP averages the gradients.
+none), so they are not wrapped by DDP; gradients are averaged across processes here. For engines
+that pass ``supports_sharding``, an accelerate FSDP launch shards the module (`bayesalign.sharding`)
+and a DeepSpeed launch partitions the optimizer state (`bayesalign.zero`, ZeRO-1/2).
 
 Checkpoints are written by this module (safetensors weights and optimizer state keyed by
 parameter name, RNG states, engine state, history) rather than ``accelerate.save_state``, so a
-data-parallel and a sharded run write the same files. A checkpoint is written to a temporary
+data-parallel and an FSDP run write the same files; DeepSpeed adds its partitioned optimizer
+state in ``deepspeed/``. A checkpoint is written to a temporary
 folder, checksummed, then renamed, so a kill mid-write never leaves a half checkpoint; resume
 skips a corrupted one and says so.
 """
@@ -32,10 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import zero
 from .distribution import SequenceDistribution
 from .errors import BayesAlignError, ConfigError
 from .sharding import (
@@ -100,7 +102,7 @@ class Trainer:
     off-policy proposal, the adaptive kl_coef), checkpointed with the policy.
 
     Engines whose steps only run the module's forward on data (pretraining) pass
-    ``supports_fsdp``, and name in ``separately_called`` any submodule they call outside that
+    ``supports_sharding``, and name in ``separately_called`` any submodule they call outside that
     forward (a value head). After `run`, ``module`` is the trained module, unsharded, on every
     process.
     """
@@ -111,7 +113,7 @@ class Trainer:
         policy: SequenceDistribution,
         engine: str,
         state: dict[str, Any] | None = None,
-        supports_fsdp: bool = False,
+        supports_sharding: bool = False,
         separately_called: Sequence[torch.nn.Module] = (),
     ) -> None:
         self.config = config
@@ -120,37 +122,49 @@ class Trainer:
         self.state = dict(state or {})
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=config.mixed_precision)
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise ConfigError(
-                f"{engine}: DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml "
-                "(FSDP shards weights, gradients and optimizer state like ZeRO-3) or ddp.yaml"
-            )
         self.module = policy.module
         self.module.to(self.accelerator.device)
-        self.sharded_from = self._shard(supports_fsdp, separately_called)
+        zero_plan = zero.plan_from_launch(self.accelerator)
+        if zero_plan is not None or plan_from_launch(self.accelerator) is not None:
+            self._require_sharding_support(supports_sharding)
+        self.sharded_from = None if zero_plan else self._shard(separately_called)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"{engine}: the policy has no trainable parameters")
         name, learning_rate = policy.recommended_optimizer
-        name = config.optimizer or name
-        optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.SGD
-        self.optimizer = optimizer_class(params, lr=config.learning_rate or learning_rate)
+        name, learning_rate = config.optimizer or name, config.learning_rate or learning_rate
+        self.zero_engine = None
+        if zero_plan is None:
+            optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.SGD
+            self.optimizer = optimizer_class(params, lr=learning_rate)
+        else:
+            precision = (config.mixed_precision
+                         or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+            self.zero_engine = zero.initialize(
+                self.module, zero.optimizer_for(zero_plan, name, params, learning_rate),
+                zero.engine_config(zero_plan, config.batch_size, config.gradient_accumulation_steps,
+                                   config.max_grad_norm, precision,
+                                   self.accelerator.num_processes))
+            self.optimizer = self.zero_engine.optimizer  # partitioned; param_groups as torch's
+            self.zero_stage = zero_plan.stage
         self.history: list[dict[str, float]] = []
         self.start_step = 0
         self.micro_step = 0
 
-    def _shard(self, supports_fsdp: bool,
-               separately_called: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
+    def _require_sharding_support(self, supports_sharding: bool) -> None:
+        if not supports_sharding:
+            raise ConfigError(
+                f"{self.engine} samples from its policy within each step, and each process stops "
+                "sampling at its own length, which FSDP's lockstep weight gathers do not allow "
+                "(DeepSpeed is supported for pretraining only too); launch with "
+                "configs/accelerate/ddp.yaml"
+            )
+
+    def _shard(self, separately_called: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
         """Shard the module if this is an FSDP launch; returns its meta skeleton (None if not)."""
         plan = plan_from_launch(self.accelerator)
         if plan is None:
             return None
-        if not supports_fsdp:
-            raise ConfigError(
-                f"{self.engine} samples from its policy within each step, and each process stops "
-                "sampling at its own length, which FSDP's lockstep weight gathers do not allow; "
-                "launch with configs/accelerate/ddp.yaml"
-            )
         if self.accelerator.mixed_precision == "fp16":
             raise ConfigError(f"{self.engine}: FSDP with fp16 needs a sharded grad scaler; use "
                               "mixed_precision bf16 (or no)")
@@ -165,9 +179,13 @@ class Trainer:
         return self.accelerator.device
 
     @property
-    def local_parameter_fraction(self) -> float:
-        """Share of the parameters this process holds (about 1 / processes under FSDP)."""
-        return local_parameter_fraction(self.module)
+    def parallelism(self) -> dict[str, Any]:
+        """How this run is spread over processes (for cards and run configs)."""
+        launch = ("fsdp" if self.sharded_from is not None
+                  else f"deepspeed_zero{self.zero_stage}" if self.zero_engine is not None
+                  else "data_parallel" if self.accelerator.num_processes > 1 else "single_process")
+        return {"launch": launch, "processes": self.accelerator.num_processes,
+                "parameter_fraction_per_process": local_parameter_fraction(self.module)}
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All processes' values (for global weight normalisation, DESIGN.md 'Scale')."""
@@ -206,24 +224,44 @@ class Trainer:
         if self.sharded_from is not None:
             self.module = unsharded(self.module, self.sharded_from, self.device)
             self.sharded_from = None
+        if self.zero_engine is not None:
+            zero.full_precision_weights(self.zero_engine)
         return self.history
 
     def _optimizer_step(self, step: int, step_fn: StepFn) -> dict[str, float]:
         accumulation = self.config.gradient_accumulation_steps
         rows: list[dict[str, float]] = []
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero_engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
         for self.micro_step in range(accumulation):
             if self.sharded_from is not None:  # FSDP reduces gradients at the last micro-batch
                 self.module.set_requires_gradient_sync(self.micro_step == accumulation - 1)
-            with self.accelerator.autocast():
+            # DeepSpeed casts the module to bf16/fp16 itself; autocast is for the other launches.
+            precision = self.accelerator.autocast() if self.zero_engine is None else contextlib.nullcontext()
+            with precision:
                 loss, metrics = step_fn(step)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{self.engine}: loss is {loss.item()} at step {step}; training stopped. "
                     f"{self._last_checkpoint_note()}"
                 )
-            self.accelerator.backward(loss / accumulation)
+            if self.zero_engine is None:
+                self.accelerator.backward(loss / accumulation)
+            else:  # divides by the accumulation steps, and steps at the last micro-batch
+                self.zero_engine.backward(loss)
+                self.zero_engine.step()
             rows.append({"loss": float(loss.detach()), **metrics})
+        if self.zero_engine is None:
+            self._update(step)
+        row = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
+        # The loss of the global batch, not of this process' share: the curve the history
+        # records is then the same for any number of processes.
+        row["loss"] = self._mean_over_processes(row["loss"])
+        row["step"] = step
+        return row
+
+    def _update(self, step: int) -> None:
+        """Average (data parallel), unscale (fp16), clip, then step the optimizer."""
         self._average_gradients()
         scaler = self.accelerator.scaler  # fp16 only: backward scaled the loss
         if scaler is not None:
@@ -235,12 +273,6 @@ class Trainer:
             scaler.update()
         else:
             self.optimizer.step()
-        row = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
-        # The loss of the global batch, not of this process' share: the curve the history
-        # records is then the same for any number of processes.
-        row["loss"] = self._mean_over_processes(row["loss"])
-        row["step"] = step
-        return row
 
     def _mean_over_processes(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -278,17 +310,23 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
-        weights, optimizer_state = full_state(self.module, self.optimizer)  # on every process
+        if self.zero_engine is None:
+            weights, optimizer_state = full_state(self.module, self.optimizer)  # on every process
+        else:  # each process writes its partition of the optimizer state
+            zero.save(self.zero_engine, tmp / "deepspeed")
+            weights, optimizer_state = zero.master_weights(self.zero_engine), None
         if self.accelerator.is_main_process:
             save_file(weights, str(tmp / "policy.safetensors"))
-            torch.save(optimizer_state, tmp / "optimizer.pt")
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / "engine.pt")
             meta = {"step": step, "engine": self.engine, "config": _config_identity(self.config),
                     "history": self.history}
             (tmp / "trainer.json").write_text(json.dumps(meta))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+            manifest = {str(f.relative_to(tmp)): _sha256(f)
+                        for f in sorted(tmp.rglob("*")) if f.is_file()}
             (tmp / "manifest.json").write_text(json.dumps(manifest))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -318,12 +356,7 @@ class Trainer:
             )
         # Multi-process CPU runs get device "cpu:0", which safetensors and torch.load refuse.
         device = "cpu" if self.device.type == "cpu" else str(self.device)
-        sharded = self.sharded_from is not None
-        weights, optimizer_state = {}, {}
-        if self.accelerator.is_main_process or not sharded:  # FSDP broadcasts the main's copy
-            weights = load_file(str(checkpoint / "policy.safetensors"), device="cpu")
-            optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu")
-        load_full_state(self.module, self.optimizer, weights, optimizer_state, sharded)
+        self._load_weights_and_optimizer(checkpoint)
         engine_state = torch.load(checkpoint / "engine.pt", map_location=device,
                                   weights_only=False)
         for name, obj in self.state.items():
@@ -336,6 +369,24 @@ class Trainer:
                           f"{self.accelerator.process_index}; it continues from its seed", stacklevel=3)
         self.history = meta["history"]
         self.start_step = meta["step"]
+
+    def _load_weights_and_optimizer(self, checkpoint: Path) -> None:
+        by_deepspeed = (checkpoint / "deepspeed").is_dir()
+        if by_deepspeed != (self.zero_engine is not None):
+            raise ConfigError(
+                f"{checkpoint} was written {'with' if by_deepspeed else 'without'} DeepSpeed, "
+                f"whose optimizer state is partitioned in its own files; resume it with "
+                f"{'a DeepSpeed launch' if by_deepspeed else 'a launch without DeepSpeed'}"
+            )
+        if self.zero_engine is not None:
+            zero.load(self.zero_engine, checkpoint / "deepspeed")
+            return
+        sharded = self.sharded_from is not None
+        weights, optimizer_state = {}, {}
+        if self.accelerator.is_main_process or not sharded:  # FSDP broadcasts the main's copy
+            weights = load_file(str(checkpoint / "policy.safetensors"), device="cpu")
+            optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu")
+        load_full_state(self.module, self.optimizer, weights, optimizer_state, sharded)
 
 
 def _config_identity(config: TrainingConfig) -> dict:

@@ -134,10 +134,9 @@ class Pretraining(TrainingConfig):
         identity = {**{k: getattr(self, k) for k in _RUN_OPTIONS}, "data": data.meta["identity"]}
         value_head = getattr(model, "value_head", None)
         trainer = Trainer(training, CausalLM(model, data.tokenizer), f"Pretraining[{self.objective}]",
-                          state={"run": _RunIdentity(identity)}, supports_fsdp=True,
+                          state={"run": _RunIdentity(identity)}, supports_sharding=True,
                           separately_called=() if value_head is None else (value_head,))
-        sharding = {"fsdp": trainer.sharded_from is not None,
-                    "parameter_fraction_per_process": trainer.local_parameter_fraction}
+        sharding = trainer.parallelism
         blocks = data.blocks(self.block_size, self.seed)
         rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         threshold = data.meta["threshold"]

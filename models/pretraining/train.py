@@ -179,10 +179,9 @@ def pretrain(config: PretrainConfig) -> Path:
                        mixed_precision=config.mixed_precision, max_grad_norm=config.max_grad_norm,
                        checkpoint_dir=str(work / "checkpoints"),
                        checkpoint_every=config.checkpoint_every, seed=config.seed, progress=False),
-        prior, engine="pretrain", supports_fsdp=True,
+        prior, engine="pretrain", supports_sharding=True,
     )
-    sharding = {"fsdp": trainer.sharded_from is not None,
-                "parameter_fraction_per_process": trainer.local_parameter_fraction}
+    sharding = trainer.parallelism
     device, rank = trainer.device, trainer.accelerator.process_index
     world = trainer.accelerator.num_processes
     train_blocks = data.blocks("train", config.block_size, config.seed)

@@ -1,15 +1,13 @@
 """``bayesalign pretrain`` on 2 real processes (gloo, CPU) follows the loss curve of 1 process with
 the same global batch, for MLE and for conditional training on a PEP8 target declared in a file,
 and resumes its checkpoints on both ranks bit-identically; the accelerate
-configs under configs/accelerate start the processes they promise; DeepSpeed is refused."""
+configs under configs/accelerate start the processes they promise."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from accelerate import Accelerator, DistributedType
-from conftest import toy_a_prior
 from safetensors.torch import load_file
 from two_processes import (
     BATCH,
@@ -28,9 +26,7 @@ from two_processes import (
 )
 
 from bayesalign.cli import main
-from bayesalign.errors import ConfigError
 from bayesalign.models.pretraining import PretrainConfig, pretrain
-from bayesalign.training import Trainer, TrainingConfig
 
 __all__ = ["corpus"]  # a fixture, used by name
 
@@ -108,10 +104,3 @@ def test_accelerate_configs_launch_two_data_parallel_processes(name):
     args, _, _ = _validate_launch_command(args)
     assert args.multi_gpu and not args.cpu and args.num_processes == 2
     assert args.mixed_precision == ("no" if name == "cpu_2proc" else "bf16")
-
-
-def test_deepspeed_is_refused_with_a_pointer_to_fsdp(monkeypatch):
-    monkeypatch.setattr(Accelerator, "distributed_type",
-                        property(lambda self: DistributedType.DEEPSPEED))
-    with pytest.raises(ConfigError, match="DeepSpeed is not supported.*fsdp.yaml"):
-        Trainer(TrainingConfig(steps=1), toy_a_prior(), engine="dpg")

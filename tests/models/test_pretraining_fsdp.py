@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from two_processes import (
     BATCH,
     LOSS_TOLERANCE,
-    OPTIONS,
     PEP8_TARGET,
     ROOT,
     STEPS,
@@ -23,16 +22,16 @@ from two_processes import (
     launch_two_processes,
     launch_two_processes_mle,
     max_difference,
+    one_process_run,
     ranks_that_checkpointed,
 )
 
 from bayesalign.errors import ConfigError
-from bayesalign.models.pretraining import PretrainConfig, pretrain
 from bayesalign.models.tiny import stdlib_tokenizer, tiny_gpt2
 from bayesalign.sharding import ShardingPlan, plan_from_launch, shard
 from bayesalign.training import Trainer, TrainingConfig
 
-__all__ = ["corpus"]  # a fixture, used by name
+__all__ = ["corpus", "one_process_run"]  # fixtures, used by name
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +41,9 @@ def fsdp_run(corpus, tmp_path_factory) -> Path:
     return output
 
 
-@pytest.fixture(scope="module")
-def one_process_run(corpus, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("one")
-    return pretrain(PretrainConfig(corpus=corpus, output=output, batch_size=2 * BATCH, **OPTIONS))
-
-
 def test_fsdp_shards_the_weights_and_follows_the_one_process_loss_curve(fsdp_run, one_process_run):
     card = json.loads((fsdp_run / "card.json").read_text())
-    assert card["processes"] == 2 and card["sharding"]["fsdp"]
+    assert card["processes"] == 2 and card["sharding"]["launch"] == "fsdp"
     # Every tensor is split in two (odd sizes leave one row more on rank 0).
     assert card["sharding"]["parameter_fraction_per_process"] == pytest.approx(0.5, abs=0.01)
     assert ranks_that_checkpointed(fsdp_run) == {"rng-0.pt", "rng-1.pt"}
@@ -101,7 +94,7 @@ def test_awr_value_head_trains_sharded_as_under_data_parallel(corpus, tmp_path):
     launch_two_processes(f"--output={sharded}", *shared, config="fsdp")
     launch_two_processes(f"--output={data_parallel}", *shared)
     config = json.loads((sharded / "pretraining.json").read_text())["config"]
-    assert config["sharding"]["fsdp"]
+    assert config["sharding"]["launch"] == "fsdp"
     assert config["sharding"]["parameter_fraction_per_process"] == pytest.approx(0.5, abs=0.01)
     assert max_difference(history(sharded), history(data_parallel), "loss") < AWR_TOLERANCE
     assert "value_head.weight" not in load_file(str(sharded / "model.safetensors"))
@@ -136,7 +129,7 @@ def test_fsdp_refuses_fp16(fsdp_launch, monkeypatch):
 
     monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
     with pytest.raises(ConfigError, match="fp16.*bf16"):
-        Trainer(TrainingConfig(steps=1), toy_a_prior(), engine="pretrain", supports_fsdp=True)
+        Trainer(TrainingConfig(steps=1), toy_a_prior(), engine="pretrain", supports_sharding=True)
 
 
 @pytest.mark.parametrize("variable, value, message", [

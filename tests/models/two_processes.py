@@ -5,11 +5,12 @@ import csv
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from bayesalign.models.pretraining import copy_stdlib_slice
+from bayesalign.models.pretraining import PretrainConfig, copy_stdlib_slice, pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 8, 4  # per process: the 1-process runs use 2 × BATCH, or BATCH × 2 accumulations
@@ -26,26 +27,36 @@ def corpus(tmp_path_factory) -> Path:
     return copy_stdlib_slice(tmp_path_factory.mktemp("corpus"), 150_000)
 
 
+@pytest.fixture(scope="module")
+def one_process_run(corpus, tmp_path_factory) -> Path:
+    """``pretrain`` in this process with the 2-process runs' global batch."""
+    output = tmp_path_factory.mktemp("one")
+    return pretrain(PretrainConfig(corpus=corpus, output=output, batch_size=2 * BATCH, **OPTIONS))
+
+
 def flags(options: dict) -> list[str]:
     """``bayesalign pretrain`` flags for engine options (``progress`` is not one)."""
     return [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "progress"]
 
 
-def launch_two_processes(*arguments: str, config: str = "cpu_2proc") -> None:
-    """``accelerate launch`` of ``bayesalign pretrain ARGUMENTS`` on 2 CPU processes with one of
-    the repository's configs, as a user would (GPU configs get ``--mixed_precision no``)."""
+def launch_two_processes(*arguments: str, config: str = "cpu_2proc",
+                         launcher: Sequence[str] = ()) -> None:
+    """``accelerate launch LAUNCHER`` of ``bayesalign pretrain ARGUMENTS`` on 2 CPU processes with
+    one of the repository's configs, as a user would (GPU configs get ``--mixed_precision no``;
+    ``bayesalign pretrain --mixed-precision`` overrides it)."""
     precision = [] if config == "cpu_2proc" else ["--num_processes=2", "--mixed_precision=no"]
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), *precision,
-               "-m", "bayesalign", "pretrain", *arguments]
+               *launcher, "-m", "bayesalign", "pretrain", *arguments]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def launch_two_processes_mle(corpus: Path, output: Path, config: str = "cpu_2proc") -> None:
+def launch_two_processes_mle(corpus: Path, output: Path, config: str = "cpu_2proc",
+                             *arguments: str, launcher: Sequence[str] = ()) -> None:
     launch_two_processes(f"--corpus={corpus}", f"--output={output}", f"--batch-size={BATCH}",
-                         *flags(OPTIONS), config=config)
+                         *flags(OPTIONS), *arguments, config=config, launcher=launcher)
 
 
 def ranks_that_checkpointed(output: Path) -> set[str]:

@@ -1,0 +1,148 @@
+"""DeepSpeed ZeRO stages 0–2 for the `Trainer`, set up from accelerate's DeepSpeed config.
+
+``accelerate launch --config_file configs/accelerate/deepspeed.yaml`` sets
+``ACCELERATE_USE_DEEPSPEED`` and the ``ACCELERATE_DEEPSPEED_*`` variables. accelerate drives
+DeepSpeed on GPUs only (on CPUs it falls back to plain multi-CPU), so the config is read here
+through accelerate's own `DeepSpeedPlugin` and the engine is built with ``deepspeed.initialize``
+on CPUs (gloo) and GPUs alike: the 2-process CPU tests run the code a GPU run runs.
+
+ZeRO-1/2 partition the optimizer state (and gradients) across processes; every process keeps
+the whole weights, so step functions call the model as usual. ZeRO-3 also partitions the
+weights, and then the model must only be called through DeepSpeed's engine (a direct call
+trains on stale weights, measured); FSDP (configs/accelerate/fsdp.yaml) shards the same way
+and is supported, so stage 3 is refused with a pointer to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedType
+
+from .errors import ConfigError
+
+STATE_TAG = "state"  # DeepSpeed's checkpoint tag inside a bayesalign checkpoint's deepspeed/
+
+
+@dataclass(frozen=True)
+class ZeroPlan:
+    """The DeepSpeed config of this launch, ``auto`` values still to fill."""
+
+    config: dict
+    stage: int
+    offload_optimizer: bool
+
+
+def plan_from_launch(accelerator: Accelerator) -> ZeroPlan | None:
+    """The ZeRO plan of this launch, or None when it is not a DeepSpeed launch."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables of the launch
+    else:
+        return None
+    config = copy.deepcopy(plugin.deepspeed_config)
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage == 3:
+        raise ConfigError("DeepSpeed ZeRO-3 is not supported: launch with "
+                          "configs/accelerate/fsdp.yaml, which shards weights, gradients and "
+                          "optimizer state the same way, or use zero_stage 2")
+    if zero.get("offload_param", {}).get("device", "none") != "none":
+        raise ConfigError("offload_param_device needs ZeRO-3, which is not supported; set it "
+                          "to none (offload_optimizer_device: cpu keeps the optimizer on the CPU)")
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    return ZeroPlan(config=config, stage=stage, offload_optimizer=offload)
+
+
+def engine_config(plan: ZeroPlan, batch_size: int, accumulation: int, max_grad_norm: float | None,
+                  mixed_precision: str, processes: int) -> dict:
+    """The DeepSpeed config with this run's batch, accumulation, clipping and precision.
+
+    bayesalign's options decide them; a DeepSpeed config that sets one to another value than
+    ``auto`` or this run's is refused rather than silently overridden.
+    """
+    config = copy.deepcopy(plan.config)
+    ours = {"train_micro_batch_size_per_gpu": batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": batch_size * accumulation * processes,
+            "gradient_clipping": float(max_grad_norm or 0.0)}
+    for key, value in ours.items():
+        given = config.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key} = {given}, but this run's is "
+                              f"{value}; set it to auto in the config (bayesalign's options decide it)")
+        config[key] = value
+    for precision in ("fp16", "bf16"):
+        config[precision] = {**config.get(precision, {}), "enabled": mixed_precision == precision}
+    config["zero_allow_untested_optimizer"] = True  # torch's Adam/SGD: the same step as DDP's
+    config["steps_per_print"] = 2**31  # the Trainer's history and progress bar report instead
+    return config
+
+
+def optimizer_for(plan: ZeroPlan, name: str, params: list[torch.nn.Parameter],
+                  learning_rate: float) -> torch.optim.Optimizer:
+    """torch's optimizer; with the optimizer offloaded, DeepSpeed's CPU Adam (its C++ kernel is
+    compiled on first use, about 40 s)."""
+    if not plan.offload_optimizer:
+        return (torch.optim.Adam if name == "adam" else torch.optim.SGD)(params, lr=learning_rate)
+    if name != "adam":
+        raise ConfigError(f"offload_optimizer_device cpu needs Adam, got optimizer {name!r}")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, lr=learning_rate, adamw_mode=False)
+
+
+def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> Any:
+    """DeepSpeed's engine over ``module``; its ``optimizer`` is the partitioned one."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    return engine
+
+
+def save(engine: Any, folder: Path) -> None:
+    """Every process writes its partition of the optimizer state (collective)."""
+    engine.save_checkpoint(str(folder), tag=STATE_TAG)
+
+
+def load(engine: Any, folder: Path) -> None:
+    """Weights, partitioned optimizer state and loss scale, on every process (collective)."""
+    path, _ = engine.load_checkpoint(str(folder), tag=STATE_TAG, load_module_strict=True)
+    if path is None:
+        raise ConfigError(f"{folder} holds no DeepSpeed state for this run")
+
+
+def master_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """The fp32 master weights and persistent buffers (tied duplicates dropped) on the CPU:
+    under bf16/fp16 the module itself holds a low-precision copy. Every process must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    weights = {}
+    for name, param in module.named_parameters():
+        master = safe_get_full_fp32_param(param) if param.requires_grad else None
+        weights[name] = (param if master is None else master).detach().float().cpu().contiguous()
+    state = module.state_dict()
+    weights.update({name: buffer.detach().cpu().contiguous() for name, buffer in module.named_buffers()
+                    if name in state})
+    return weights
+
+
+def full_precision_weights(engine: Any) -> None:
+    """Put the fp32 master weights back into a module that trained in bf16/fp16 (collective)."""
+    module = engine.module
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return
+    masters = master_weights(engine)
+    module.float()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(masters[name])
