@@ -1,10 +1,9 @@
 """Fully sharded data parallel (torch FSDP2) for the `Trainer`, set up from accelerate's FSDP config.
 
-``accelerate launch --config_file configs/accelerate/fsdp.yaml`` sets ``ACCELERATE_USE_FSDP`` and
-the ``FSDP_*`` variables. On GPUs accelerate then reports ``DistributedType.FSDP``; on CPUs (gloo)
-it falls back to plain multi-CPU and ignores them. Reading the config through accelerate's own
-`FullyShardedDataParallelPlugin` and sharding with ``fully_shard`` here gives one code path for
-both, so the 2-process CPU tests exercise what a multi-GPU run executes.
+accelerate applies FSDP on GPUs only. Reading configs/accelerate/fsdp.yaml through accelerate's own
+`FullyShardedDataParallelPlugin` (`bayesalign.launch`) and sharding with ``fully_shard`` here
+gives one code path for CPUs and GPUs, so the 2-process CPU tests exercise what a multi-GPU run
+executes.
 
 Each transformer block, each module the caller names as called outside the model's forward (AWR's
 value head) and then the model itself become FSDP units: a process keeps 1/N of every parameter,
@@ -17,14 +16,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .errors import ConfigError
+from .launch import launch_plugin
 
 FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it, on CPU
 
@@ -51,13 +50,8 @@ class ShardingPlan:
 
 def plan_from_launch(accelerator: Accelerator) -> ShardingPlan | None:
     """The FSDP plan of this launch, or None for data parallel / single process."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        plugin = accelerator.state.fsdp_plugin
-    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables of the launch
-    else:
+    plugin = launch_plugin(accelerator, "fsdp")
+    if plugin is None:
         return None
     if plugin.fsdp_version != 2:
         raise ConfigError(f"fsdp_version {plugin.fsdp_version} is not supported: set "

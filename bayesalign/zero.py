@@ -1,10 +1,9 @@
 """DeepSpeed ZeRO stages 0–2 for the `Trainer`, set up from accelerate's DeepSpeed config.
 
-``accelerate launch --config_file configs/accelerate/deepspeed.yaml`` sets
-``ACCELERATE_USE_DEEPSPEED`` and the ``ACCELERATE_DEEPSPEED_*`` variables. accelerate drives
-DeepSpeed on GPUs only (on CPUs it falls back to plain multi-CPU), so the config is read here
-through accelerate's own `DeepSpeedPlugin` and the engine is built with ``deepspeed.initialize``
-on CPUs (gloo) and GPUs alike: the 2-process CPU tests run the code a GPU run runs.
+accelerate drives DeepSpeed on GPUs only, so configs/accelerate/deepspeed.yaml is read through
+accelerate's own `DeepSpeedPlugin` (`bayesalign.launch`) and the engine is built with
+``deepspeed.initialize`` here, on CPUs (DeepSpeed's CPU accelerator, gloo) and GPUs alike: the
+2-process CPU tests run the code a GPU run runs.
 
 ZeRO-1/2 partition the optimizer state (and gradients) across processes; every process keeps
 the whole weights, so step functions call the model as usual. ZeRO-3 also partitions the
@@ -16,15 +15,15 @@ and is supported, so stage 3 is refused with a pointer to it.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 
 from .errors import ConfigError
+from .launch import launch_plugin
 
 STATE_TAG = "state"  # DeepSpeed's checkpoint tag inside a bayesalign checkpoint's deepspeed/
 
@@ -40,13 +39,8 @@ class ZeroPlan:
 
 def plan_from_launch(accelerator: Accelerator) -> ZeroPlan | None:
     """The ZeRO plan of this launch, or None when it is not a DeepSpeed launch."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from accelerate.utils import DeepSpeedPlugin
-
-        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables of the launch
-    else:
+    plugin = launch_plugin(accelerator, "deepspeed")
+    if plugin is None:
         return None
     config = copy.deepcopy(plugin.deepspeed_config)
     zero = config.get("zero_optimization", {})
