@@ -32,6 +32,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/sampling_throughput.py
 	$(BIN)/python bench/phf_throughput.py
+	$(BIN)/python bench/sharding_memory.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check bayesalign models inference tests bench experiments

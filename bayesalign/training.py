@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -255,8 +256,8 @@ class Trainer:
             self._update(step)
         row = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
         # The loss of the global batch, not of this process' share: the curve the history
-        # records is then the same for any number of processes.
-        row["loss"] = self._mean_over_processes(row["loss"])
+        # records is then the same for any number of processes. Memory: the busiest process.
+        row["loss"], row["peak_memory_mb"] = self._across_processes(row["loss"], _peak_memory_mb())
         row["step"] = step
         return row
 
@@ -274,11 +275,13 @@ class Trainer:
         else:
             self.optimizer.step()
 
-    def _mean_over_processes(self, value: float) -> float:
+    def _across_processes(self, mean_of: float, max_of: float) -> tuple[float, float]:
+        """(mean, max) over processes of two per-process values, in one collective."""
         if self.accelerator.num_processes == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        return float(self.accelerator.reduce(tensor, reduction="mean"))
+            return mean_of, max_of
+        tensor = torch.tensor([[mean_of, max_of]], dtype=torch.float64, device=self.device)
+        gathered = self.accelerator.gather(tensor)
+        return float(gathered[:, 0].mean()), float(gathered[:, 1].max())
 
     def _average_gradients(self) -> None:
         """All-reduce every gradient in one flat buffer (one collective per step, not per tensor)."""
@@ -426,6 +429,16 @@ def _verify(checkpoint: Path) -> str | None:
         if _sha256(path) != digest:
             return f"checksum mismatch in {name}"
     return None
+
+
+def _peak_memory_mb() -> float:
+    """This process' peak memory so far: torch's allocations on a GPU, else the resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes there, KiB on Linux
 
 
 def _rng_state() -> dict:
