@@ -322,6 +322,8 @@ class Trainer:
             save_file(weights, str(tmp / "policy.safetensors"))
             if optimizer_state is not None:
                 torch.save(optimizer_state, tmp / "optimizer.pt")
+            if self.accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
+                torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
             torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / "engine.pt")
             meta = {"step": step, "engine": self.engine, "config": _config_identity(self.config),
                     "history": self.history}
@@ -390,6 +392,8 @@ class Trainer:
             weights = load_file(str(checkpoint / "policy.safetensors"), device="cpu")
             optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu")
         load_full_state(self.module, self.optimizer, weights, optimizer_state, sharded)
+        if self.accelerator.scaler is not None and (checkpoint / "scaler.pt").exists():
+            self.accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt"))
 
 
 def _config_identity(config: TrainingConfig) -> dict:

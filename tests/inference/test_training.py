@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from bayesalign.errors import (
 )
 from bayesalign.inference import DPG, KLRL, TrainingError, history_to_arviz, history_to_csv
 from bayesalign.models import TabularLM
-from bayesalign.training import _verify
+from bayesalign.training import Trainer, TrainingConfig, _verify
 
 SETTINGS = {"steps": 600, "batch_size": 32, "seed": 3, "progress": False}
 
@@ -94,6 +95,26 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
     reference = DPG(**{**SETTINGS, "steps": 150}).fit(target)
     for a, b in zip(parameters(reference), parameters(resumed)):
         assert torch.equal(a, b)
+
+
+def test_resume_restores_the_fp16_loss_scale(tmp_path):
+    # accelerate gives CPU runs no grad scaler, so one is attached as a GPU fp16 run has it; it
+    # doubles its scale every 2 steps, so a resume that forgot it would end at another scale.
+    def train(steps: int) -> Trainer:
+        config = TrainingConfig(steps=steps, batch_size=1, checkpoint_dir=str(tmp_path / "ckpt"),
+                                checkpoint_every=3, progress=False)
+        trainer = Trainer(config, toy_a_prior().trainable_copy(), engine="scaled")
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10,
+                                                          growth_interval=2)
+        trainer.run(lambda step: (sum((p**2).sum() for p in trainer.module.parameters()), {}))
+        return trainer
+
+    uninterrupted = train(6).accelerator.scaler.state_dict()
+    shutil.rmtree(tmp_path / "ckpt" / f"checkpoint-{6:08d}")
+    resumed = train(6)
+    assert resumed.start_step == 3
+    assert resumed.accelerator.scaler.state_dict() == uninterrupted
+    assert uninterrupted["scale"] == 2.0**13  # grew at steps 2, 4 and 6
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path):
