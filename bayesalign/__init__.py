@@ -4,21 +4,59 @@ Declare a target ``p(y) ∝ a(y)·L(y)`` as a Pyro model with `target`, solve it
 `bayesalign.inference`, and read the same `Diagnostics` from every `Posterior`.
 """
 
-from .diagnostics import Diagnostics
-from .distribution import SequenceDistribution
-from .errors import BayesAlignError
-from .evaluation import evaluate
-from .likelihood import (
-    MomentLambdas,
-    constraint,
-    log_sigmoid_centered,
-    moment,
-    reference_reward,
-    reward,
-)
-from .posterior import Posterior
-from .sequences import Sequences
-from .target import Target, target
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names resolve on first use (PEP 562), so ``bayesalign --help`` and ``import bayesalign`` do not
+# wait for torch and Pyro; static type checkers read the imports below.
+_EXPORTS = {
+    "BayesAlignError": "errors",
+    "Diagnostics": "diagnostics",
+    "MomentLambdas": "likelihood",
+    "Posterior": "posterior",
+    "SequenceDistribution": "distribution",
+    "Sequences": "sequences",
+    "Target": "targets",
+    "constraint": "likelihood",
+    "evaluate": "evaluation",
+    "log_sigmoid_centered": "likelihood",
+    "moment": "likelihood",
+    "reference_reward": "likelihood",
+    "reward": "likelihood",
+    "target": "targets",
+}
+
+if TYPE_CHECKING:
+    from .diagnostics import Diagnostics
+    from .distribution import SequenceDistribution
+    from .errors import BayesAlignError
+    from .evaluation import evaluate
+    from .likelihood import (
+        MomentLambdas,
+        constraint,
+        log_sigmoid_centered,
+        moment,
+        reference_reward,
+        reward,
+    )
+    from .posterior import Posterior
+    from .sequences import Sequences
+    from .targets import Target, target
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bayesalign' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "BayesAlignError",

@@ -15,7 +15,7 @@ from . import diagnostics as dx
 from .diagnostics import Diagnostics
 from .posterior import Posterior
 from .sequences import Sequences
-from .target import FactorSite, Target
+from .targets import FactorSite, Target
 
 EVALUATION_SAMPLES = 4096
 

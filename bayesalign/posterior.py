@@ -14,7 +14,7 @@ from .diagnostics import Diagnostics
 from .distribution import SequenceDistribution
 from .errors import BayesAlignError
 from .sequences import Sequences
-from .target import NO_CONTEXT, Target
+from .targets import NO_CONTEXT, Target
 
 LogProb = Callable[[Sequences], torch.Tensor]
 

@@ -38,7 +38,7 @@ from bayesalign.inference import Pretraining
 from bayesalign.inference.pretraining_data import ScoreCache, score_segments, scorer_identity
 from bayesalign.models import Corpus, scorers
 from bayesalign.models.pretraining import copy_stdlib_slice
-from bayesalign.target import NO_CONTEXT
+from bayesalign.targets import NO_CONTEXT
 
 
 def pep8_target(corpus: Corpus) -> ba.Target:

@@ -13,7 +13,7 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import VocabularyMismatchError
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 
 
 class Engine(Protocol):

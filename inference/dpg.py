@@ -23,7 +23,7 @@ from bayesalign import diagnostics as dx
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, EmptySupportError
 from bayesalign.posterior import Posterior
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer, require_positive
 
 from .policy import PolicyEngineConfig, ScoredBatch, finish, pick_contexts, score_batch

@@ -10,7 +10,7 @@ import torch
 from bayesalign.errors import EmptySupportError
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 
 
 @dataclass

@@ -11,7 +11,7 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import require_positive
 
 from .base import batches, resolve_proposal, seeded, weighted_draws

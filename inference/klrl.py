@@ -24,7 +24,7 @@ import torch
 from bayesalign.errors import ConfigError
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer, require_positive
 
 from .policy import PolicyEngineConfig, finish, pick_contexts, score_batch

@@ -22,7 +22,7 @@ from bayesalign.diagnostics import ess
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError, NotEnumerableError
 from bayesalign.sequences import Sequences
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import require_positive
 
 from .base import batches, resolve_proposal, seeded

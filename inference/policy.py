@@ -14,7 +14,7 @@ from bayesalign.errors import ConfigError, EmptySupportError
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import TrainingConfig, require_positive
 
 from .base import require_same_vocabulary, seeded

@@ -38,7 +38,7 @@ from bayesalign.models.corpus_prior import Corpus
 from bayesalign.models.pretraining.train import PRESETS
 from bayesalign.models.tiny import tiny_gpt2
 from bayesalign.posterior import Posterior
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer, TrainingConfig, describe_differences, require_positive
 
 from .base import seeded

@@ -34,7 +34,7 @@ from bayesalign.models.corpus_prior import Corpus, vocabulary_digest
 from bayesalign.models.pretraining.tokens import Blocks
 from bayesalign.models.pretraining.train import PRESETS
 from bayesalign.models.tiny import train_tokenizer
-from bayesalign.target import Target
+from bayesalign.targets import Target
 
 from .phf_objectives import tag_segments
 

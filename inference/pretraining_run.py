@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bayesalign.errors import ConfigError
-from bayesalign.target import Target
+from bayesalign.targets import Target
 from bayesalign.training import history_to_csv
 
 from .pretraining import Pretraining

@@ -18,7 +18,7 @@ from bayesalign.errors import ConfigError, EmptySupportError
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
-from bayesalign.target import NO_CONTEXT, Target
+from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import require_positive
 
 from .base import batches, resolve_proposal, seeded, weighted_draws

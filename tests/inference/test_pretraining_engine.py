@@ -17,7 +17,7 @@ from bayesalign.errors import ConfigError, InvalidTargetError
 from bayesalign.inference.pretraining import OBJECTIVES, Pretraining
 from bayesalign.inference.pretraining_data import BAD_TOKEN, GOOD_TOKEN, prepare
 from bayesalign.models import Corpus
-from bayesalign.target import NO_CONTEXT
+from bayesalign.targets import NO_CONTEXT
 
 TINY = {"steps": 6, "batch_size": 4, "block_size": 32, "progress": False, "num_samples": 8,
         "max_new_tokens": 16}
