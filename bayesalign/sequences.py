@@ -30,7 +30,9 @@ class Sequences:
     ``tokens`` is ``[batch, length]`` (long); ``mask`` marks real tokens; ``context`` holds the
     conditioning prompts (one per row) for conditional targets; ``log_q`` caches the exact
     log-probability of each row under the distribution that sampled it, so an engine never runs
-    a model twice for one weight (DESIGN.md).
+    a model twice for one weight (DESIGN.md). ``origin`` (a `Corpus` with ``segment_context``)
+    gives each row's document and the character offset of the row's text in it, for factors that
+    judge a segment in its context (``scorers.pep8_in_document``).
     """
 
     tokens: torch.Tensor
@@ -39,6 +41,7 @@ class Sequences:
     log_q: torch.Tensor | None = None
     decoder: Decoder | None = field(default=None, repr=False, compare=False)
     _text: list[str] | None = field(default=None, repr=False, compare=False)
+    origin: list[tuple[str, int]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
@@ -85,17 +88,15 @@ class Sequences:
         if context is not None:
             idx = torch.arange(len(self))[index].tolist()
             context = [context[i] for i in idx]
-        text = None
-        if self._text is not None:
-            idx = torch.arange(len(self))[index].tolist()
-            text = [self._text[i] for i in idx]
+        rows = torch.arange(len(self))[index].tolist()
         return Sequences(
             tokens=self.tokens[index],
             mask=self.mask[index],
             context=context,
             log_q=None if self.log_q is None else self.log_q[index],
             decoder=self.decoder,
-            _text=text,
+            _text=None if self._text is None else [self._text[i] for i in rows],
+            origin=None if self.origin is None else [self.origin[i] for i in rows],
         )
 
     def to(self, device: torch.device | str) -> Sequences:
@@ -124,10 +125,12 @@ class Sequences:
         if any(c is not None for c in contexts):
             context = [c for b in batches for c in (b.context or [None] * len(b))]
         log_qs = [b.log_q for b in batches]
+        origins = [b.origin for b in batches]
         return Sequences(
             tokens=torch.cat([pad(b.tokens, pad_token_id) for b in batches]),
             mask=torch.cat([pad(b.mask, False) for b in batches]),
             context=context,
             log_q=torch.cat(log_qs) if all(q is not None for q in log_qs) else None,
             decoder=batches[0].decoder,
+            origin=[o for b in origins for o in b] if all(origins) else None,
         )

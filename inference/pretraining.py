@@ -230,9 +230,10 @@ class Pretraining(TrainingConfig):
                          context=context, policy=policy, law=policy.log_prob, history=history,
                          config=config)
         # Factor sites read the samples as the corpus encodes text (the prior has no log a, so
-        # only expectations of the factors are estimated).
-        as_corpus = Posterior(corpus.sequences(samples.text), engine=post.engine, target=target,
-                              context=context)
+        # only expectations of the factors are estimated); each sample is a document of its own.
+        texts = samples.text
+        as_corpus = Posterior(corpus.sequences(texts, [(t, 0) for t in texts]), engine=post.engine,
+                              target=target, context=context)
         post.diagnostics = evaluate(target, as_corpus, self.num_samples)
         return post
 

@@ -13,6 +13,7 @@ indices read both.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from bayesalign.errors import ConfigError
-from bayesalign.models.corpus_prior import Corpus, vocabulary_digest
+from bayesalign.models.corpus_prior import Corpus, origins, vocabulary_digest
 from bayesalign.models.pretraining.tokens import Blocks
 from bayesalign.models.pretraining.train import PRESETS
 from bayesalign.models.tiny import train_tokenizer
@@ -63,7 +64,8 @@ def scorer_identity(target: Target, corpus: Corpus) -> str:
 
 
 class ScoreCache:
-    """Segment scores on disk, keyed by (scorer identity, SHA-256 of the segment's text)."""
+    """Segment scores on disk, keyed by (scorer identity, SHA-256 of the segment's text and,
+    for a corpus with ``segment_context``, of its document and offset)."""
 
     def __init__(self, path: str | Path, scorer_id: str) -> None:
         self.path = Path(path)
@@ -85,8 +87,9 @@ class ScoreCache:
         finally:
             db.close()
 
-    def key(self, text: str) -> str:
-        return hashlib.sha256(f"{self.scorer_id}\0{text}".encode()).hexdigest()
+    def key(self, text: str, origin: tuple[str, int] | None = None) -> str:
+        where = "" if origin is None else f"{_digest(origin[0])}\0{origin[1]}\0"
+        return hashlib.sha256(f"{self.scorer_id}\0{where}{text}".encode()).hexdigest()
 
     def get(self, keys: list[str]) -> dict[str, float]:
         found: dict[str, float] = {}
@@ -104,16 +107,23 @@ class ScoreCache:
 
 
 def score_segments(target: Target, corpus: Corpus, context: Any, texts: list[str],
-                   cache: ScoreCache) -> tuple[list[float], int]:
+                   cache: ScoreCache, origin: list[tuple[str, int]] | None = None
+                   ) -> tuple[list[float], int]:
     """``log L`` of each segment (cached ones read, the others scored and stored); also how
-    many were scored now."""
-    keys = [cache.key(t) for t in texts]
+    many were scored now. ``origin``: each segment's (document, offset), for a corpus with
+    ``segment_context``."""
+    origin = origin if corpus.segment_context else None
+    where = origin or [None] * len(texts)
+    keys = [cache.key(t, o) for t, o in zip(texts, where)]
     known = cache.get(keys)
     missing = list(dict.fromkeys(k for k in keys if k not in known))
     if missing:
-        text_of = dict(zip(keys, texts))
+        row_of = {k: i for i, k in enumerate(keys)}
+        rows = [row_of[k] for k in missing]
+        batch = corpus.sequences([texts[i] for i in rows],
+                                 None if origin is None else [origin[i] for i in rows])
         with torch.no_grad():
-            scores = target.log_potential(corpus.sequences([text_of[k] for k in missing]), context)
+            scores = target.log_potential(batch, context)
         fresh = dict(zip(missing, scores.double().cpu().tolist()))
         cache.put(fresh)
         known.update(fresh)
@@ -188,7 +198,8 @@ def _write(config: Pretraining, target: Target, corpus: Corpus, context: Any, to
     scored = 0
     for batch in _batched(corpus.documents(), max(1, config.score_batch_size // 8)):
         texts = [s for doc in batch for s in doc]
-        values, new = score_segments(target, corpus, context, texts, cache)
+        where = [o for doc in batch for o in origins(doc)] if corpus.segment_context else None
+        values, new = score_segments(target, corpus, context, texts, cache, where)
         scores += values
         scored += new
         lengths += [len(doc) for doc in batch]
@@ -275,6 +286,11 @@ def _segment_rewards(tokens: list[int], control: tuple[int, int], encoded: list[
             out.append(reward)
         out += [reward] * len(seg)
     return out
+
+
+@functools.lru_cache(maxsize=256)  # a document's segments share one string: hash it once
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _finite_mean(values: list[float]) -> float | None:

@@ -17,6 +17,7 @@ document (a file, or a record of one file or of a saved dataset).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -61,6 +62,13 @@ def partition(text: str, segment: str) -> list[str]:
     return segments
 
 
+def origins(segments: list[str]) -> list[tuple[str, int]]:
+    """(document, character offset) of each segment of one document (its segments in order)."""
+    document = "".join(segments)
+    offsets = [0, *itertools.accumulate(len(s) for s in segments)][:-1]
+    return [(document, offset) for offset in offsets]
+
+
 class Corpus(SequenceDistribution):
     """A prior over the segments of a local corpus: sampled uniformly, without a log-probability.
 
@@ -68,7 +76,10 @@ class Corpus(SequenceDistribution):
     (None: this Python's standard library, tests excluded). ``split``: the held-out split of
     ``bayesalign pretrain`` (by file, ``heldout_fraction`` and ``seed``), or "all". ``tokenizer``
     encodes segments into the ``y.tokens`` factor sites see (None: UTF-8 bytes, EOS = 256);
-    ``y.text`` is always the segment itself.
+    ``y.text`` is always the segment itself. ``segment_context``: each drawn segment also carries
+    its document and offset (``y.origin``), so a factor can judge a line where it stands, as PHF
+    scored lines with pycodestyle run on the whole file (``scorers.pep8_in_document``); scores
+    are then cached per (document, offset, segment), not per segment text.
     """
 
     has_enumerate_support = False
@@ -82,6 +93,7 @@ class Corpus(SequenceDistribution):
         tokenizer=None,
         seed: int = 0,
         heldout_fraction: float = 0.05,
+        segment_context: bool = False,
     ) -> None:
         super().__init__()
         if segment not in SEGMENTS:
@@ -94,6 +106,7 @@ class Corpus(SequenceDistribution):
         self.tokenizer = tokenizer
         self.seed = seed
         self.heldout_fraction = heldout_fraction
+        self.segment_context = segment_context
         self.vocab_size = BYTE_EOS + 1 if tokenizer is None else len(tokenizer)
         self.eos_token_id = BYTE_EOS if tokenizer is None else tokenizer.eos_token_id
 
@@ -117,15 +130,25 @@ class Corpus(SequenceDistribution):
             raise ConfigError(f"Corpus {self.source.name}: no {self.segment} has any text")
         return found
 
+    @cached_property
+    def _origins(self) -> list[tuple[str, int]]:
+        """``segments``' (document, offset) pairs (the documents are shared, not copied)."""
+        return [o for pieces in self.documents() for o in origins(pieces)]
+
     def fingerprint(self) -> dict:
         """What decides the segments and their encoding (for caches and resume checks)."""
         encoding = "bytes" if self.tokenizer is None else vocabulary_digest(self.tokenizer)
         return {**self.source.fingerprint(), "segment": self.segment, "split": self.split,
                 "seed": self.seed, "heldout_fraction": self.heldout_fraction,
-                "encoding": encoding}
+                "encoding": encoding, "segment_context": self.segment_context}
 
-    def sequences(self, texts: list[str]) -> Sequences:
-        """The batch a factor site sees for these segments: encoded tokens + EOS, and the text."""
+    def sequences(self, texts: list[str],
+                  origin: list[tuple[str, int]] | None = None) -> Sequences:
+        """The batch a factor site sees for these segments: encoded tokens + EOS, the text and,
+        with ``segment_context``, where each stands (``origin``, required then)."""
+        if self.segment_context and origin is None:
+            raise ConfigError(f"{self!r} has segment_context: pass each segment's (document, "
+                              "offset) origin")
         if self.tokenizer is None:
             ids = [list(t.encode("utf-8")) for t in texts]
         else:
@@ -135,12 +158,14 @@ class Corpus(SequenceDistribution):
         for i, row in enumerate(ids):
             tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         mask = mask_through_eos(tokens, self.eos_token_id)
-        return Sequences(tokens=tokens, mask=mask, decoder=self._decoder(), _text=list(texts))
+        return Sequences(tokens=tokens, mask=mask, decoder=self._decoder(), _text=list(texts),
+                         origin=list(origin) if self.segment_context else None)
 
     def sample_batch(self, num_samples: int) -> Sequences:
         """``num_samples`` segments drawn uniformly with torch's RNG; ``log_q`` is None (unknown)."""
-        index = torch.randint(len(self.segments), (num_samples,))
-        return self.sequences([self.segments[i] for i in index.tolist()])
+        index = torch.randint(len(self.segments), (num_samples,)).tolist()
+        origin = [self._origins[i] for i in index] if self.segment_context else None
+        return self.sequences([self.segments[i] for i in index], origin)
 
     def log_prob(self, value: Sequences) -> torch.Tensor:
         raise NoLogProbError(

@@ -15,12 +15,18 @@ a failed sample scores worst, never best.
 from __future__ import annotations
 
 import ast
+import bisect
+import functools
 import io
+import itertools
 import warnings
 from typing import Any
 
 import pycodestyle
 import torch
+
+from bayesalign.errors import ScorerError
+from bayesalign.sequences import Sequences
 
 from .scoring import PerCharacterPenalty, Scorer
 
@@ -40,6 +46,20 @@ class _ViolationCount(pycodestyle.BaseReport):
         return code
 
 
+class _ViolationLines(_ViolationCount):
+    """Also records the line of each violation (1-based), to attribute a file's to its lines."""
+
+    def init_file(self, *args: Any) -> None:
+        super().init_file(*args)
+        self.lines: list[int] = []
+
+    def error(self, line_number: int, offset: int, text: str, check: Any) -> str | None:
+        code = super().error(line_number, offset, text, check)
+        if code is not None:
+            self.lines.append(line_number)
+        return code
+
+
 _STYLE = pycodestyle.StyleGuide()  # pycodestyle's defaults, as PHF ran it; reads no config file
 
 
@@ -49,11 +69,51 @@ def pep8_violation_count(text: str) -> int:
     Unlike PHF, a missing final newline is added first: samples cut at a token limit would all
     get W292. Syntax pycodestyle cannot tokenize counts as E901, not an exception.
     """
+    checker = pycodestyle.Checker(lines=_lines(text), options=_STYLE.options,
+                                  report=_ViolationCount(_STYLE.options))
+    return checker.check_all()
+
+
+def _lines(text: str) -> list[str]:
     lines = io.StringIO(text, newline=None).readlines()  # universal newlines, as on reading a file
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
-    checker = pycodestyle.Checker(lines=lines, options=_STYLE.options, report=_ViolationCount(_STYLE.options))
-    return checker.check_all()
+    return lines
+
+
+@functools.lru_cache(maxsize=64)  # the segments of one document arrive together
+def _violations_per_line(document: str) -> tuple[list[int], list[int]]:
+    """The document's line start offsets and each line's pycodestyle violations."""
+    report = _ViolationLines(_STYLE.options)
+    pycodestyle.Checker(lines=_lines(document), options=_STYLE.options, report=report).check_all()
+    # pycodestyle's lines (universal newlines), measured in the document's own characters.
+    raw_lines = io.StringIO(document, newline="").readlines()
+    starts = [0, *itertools.accumulate(len(line) for line in raw_lines)]
+    counts = [0] * max(len(starts) - 1, 1)
+    for line in report.lines:  # E901/E902 can name a line past the end: keep it on the last
+        counts[min(max(line, 1), len(counts)) - 1] += 1
+    return starts, counts
+
+
+def pep8_in_document(y: Sequences) -> torch.Tensor:
+    """−(violations per character) of each segment judged in its document, as PHF scored lines:
+    pycodestyle runs on the whole document (``y.origin``, from a `Corpus` with
+    ``segment_context``) and a segment gets the violations of the lines it spans. A line alone
+    cannot show cross-line violations (E302 blank lines before a def, E128 continuation indent,
+    E999 in a multi-line statement), which this sees. Documents are corpus data, scored in this
+    process (no worker time bound); generated samples are scored as documents of their own.
+    """
+    if y.origin is None:
+        raise ScorerError("pep8_in_document needs segments that know their document: sample them "
+                          "from Corpus(..., segment_context=True)")
+    rewards = []
+    for text, (document, start) in zip(y.text, y.origin):
+        starts, counts = _violations_per_line(document)
+        first = bisect.bisect_right(starts, start) - 1
+        last = bisect.bisect_left(starts, start + max(len(text), 1)) - 1
+        violations = sum(counts[first:last + 1])
+        rewards.append(0.0 - violations / max(len(text), 1))
+    return torch.tensor(rewards, dtype=torch.float64, device=y.device)
 
 
 _PARSE_FAILURES = (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError)

@@ -16,7 +16,7 @@ import bayesalign as ba
 from bayesalign.errors import ConfigError, InvalidTargetError
 from bayesalign.inference.pretraining import OBJECTIVES, Pretraining
 from bayesalign.inference.pretraining_data import BAD_TOKEN, GOOD_TOKEN, prepare
-from bayesalign.models import Corpus
+from bayesalign.models import Corpus, scorers
 from bayesalign.targets import NO_CONTEXT
 
 TINY = {"steps": 6, "batch_size": 4, "block_size": 32, "progress": False, "num_samples": 8,
@@ -134,13 +134,38 @@ def test_a_rerun_reads_scores_from_the_cache(corpus, tmp_path):
     assert sum(calls) == scored and again.meta["segments_scored_now"] == 0
 
 
+def test_in_context_scores_are_cached_per_document_and_line(tmp_path):
+    # The same def line clean in one file (two blank lines before it) and E302 in the other.
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "a.py").write_text("import os\n\n\ndef f():\n    return os\n")
+    (folder / "b.py").write_text("import os\ndef f():\n    return os\n")
+    corpus = Corpus(folder, segment="line", segment_context=True)
+
+    @ba.target
+    def clean_code():
+        y = pyro.sample("y", corpus)
+        ba.reward("pep8", scorers.pep8_in_document(y))
+
+    cache = str(tmp_path / "scores.sqlite")
+    engine = Pretraining(objective="rwr", data_dir=str(tmp_path / "a"), score_cache=cache, **TINY)
+    data = prepare(engine, clean_code, corpus, NO_CONTEXT, None)
+    # 3 segments per file (blank lines join the line before): 'def f():' and '    return os'
+    # appear in both files and are scored apart, so all 6 are scored (isolated scoring: 4).
+    assert data.meta["segments"] == data.meta["segments_scored_now"] == 6
+    assert data.meta["score_min"] == pytest.approx(-1 / len("def f():\n"))
+    again = prepare(Pretraining(objective="mle", data_dir=str(tmp_path / "b"), score_cache=cache,
+                                **TINY), clean_code, corpus, NO_CONTEXT, None)
+    assert again.meta["segments_scored_now"] == 0 and again.meta["score_min"] == data.meta["score_min"]
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     sys.path[:0] = [{here!r}, {tests!r}]
     from test_pretraining_engine import clean_target, kill_settings
     from bayesalign.inference.pretraining import Pretraining
-    from bayesalign.models import Corpus
+    from bayesalign.models import Corpus, scorers
     Pretraining(**kill_settings({root!r})).fit(clean_target(Corpus({corpus!r})))
 """)
 
@@ -213,7 +238,7 @@ TARGET_FILE = textwrap.dedent("""
     import torch
 
     import bayesalign as ba
-    from bayesalign.models import Corpus
+    from bayesalign.models import Corpus, scorers
 
     corpus = Corpus({corpus!r}, segment="line")
 

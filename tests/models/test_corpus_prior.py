@@ -44,6 +44,20 @@ def test_segments_partition_the_document(segment, text, expected):
     assert partition("  \n\n", segment) == []
 
 
+def test_segment_context_gives_each_draw_its_document_and_offset(tmp_path):
+    folder = write_corpus(tmp_path / "c")
+    files = {f.read_text() for f in folder.iterdir()}
+    corpus = Corpus(folder, segment="line", segment_context=True)
+    draws = corpus.sample_batch(32)
+    for text, (document, start) in zip(draws.text, draws.origin):
+        assert document in files and document[start:start + len(text)] == text
+    assert draws[[3, 5]].origin == [draws.origin[3], draws.origin[5]]
+    assert corpus.fingerprint() != Corpus(folder, segment="line").fingerprint()
+    assert Corpus(folder, segment="line").sample_batch(2).origin is None
+    with pytest.raises(ConfigError, match="segment_context: pass each segment's"):
+        corpus.sequences(["k = 1\n"])
+
+
 def test_sampling_is_seeded_and_covers_the_segments(tmp_path):
     corpus = Corpus(write_corpus(tmp_path / "c"), segment="line")
     assert len(corpus.segments) == 120

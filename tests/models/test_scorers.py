@@ -15,6 +15,7 @@ import torch
 
 from bayesalign.errors import BayesAlignError, ConfigError, ScorerError, ScorerTimeoutError
 from bayesalign.models import scorers
+from bayesalign.models.corpus_prior import origins
 from bayesalign.models.scoring import Scorer
 from bayesalign.sequences import Sequences
 
@@ -60,6 +61,20 @@ def test_pep8_is_a_reward_per_character():
     assert reward[1] == -1 / len(dirty)
     assert reward[0] > reward[1] > reward[2]
     assert reward[3] == 0
+
+
+def test_pep8_in_document_gives_each_segment_the_violations_of_its_lines():
+    segments = ["import os\n", "def f():\n", "    return 1\n", "x=1\n"]
+    y = Sequences(tokens=torch.zeros(4, 1, dtype=torch.long), _text=segments,
+                  origin=origins(segments))
+    # In the file: E302 on the def (no 2 blank lines), E305 and E225 on 'x=1' (3 in all, as
+    # pycodestyle counts the whole file). Alone, the def line is clean and the indented return
+    # is E113 (unexpected indentation): isolated lines get both wrong.
+    assert scorers.pep8_in_document(y).tolist() == [0.0, -1 / 9, 0.0, -2 / 4]
+    assert scorers.pep8_violations(["".join(segments)]) == [3]
+    assert scorers.pep8_violations(segments) == [0, 0, 1, 1]
+    with pytest.raises(ScorerError, match="segment_context=True"):
+        scorers.pep8_in_document(Sequences(tokens=torch.zeros(1, 1, dtype=torch.long), _text=["x"]))
 
 
 def test_parses_and_compiles():
