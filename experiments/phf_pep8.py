@@ -1,15 +1,12 @@
 """PHF on PEP8 (SPEC §5): six pretraining objectives, one target, one token budget.
 
-One target is declared once: ``y ~ Corpus(stdlib, segment="line", split="train")`` (the
-held-out split of ``bayesalign pretrain``: 5% of the files, seed 0) times a factor site
-``pep8`` = −violations/character of the line. `Pretraining` trains the same tiny GPT-2 from
-the same initialisation and tokenizer with each objective (MLE, filtering, conditional,
-unlikelihood, RWR, AWR) for the same steps × blocks × tokens, with PHF's PEP8 settings.
-
-A line scored alone reads its indentation as a violation (E111/E113): 85% of stdlib lines
-"fail" alone against 17% inside their file, which PHF scored. The factor dedents the line
-first, which agrees with the in-file label on 83% of lines (27% without; 4,566 lines of 30
-stdlib files).
+One target is declared once: ``y ~ Corpus(stdlib, segment="line", split="train",
+segment_context=True)`` (the held-out split of ``bayesalign pretrain``: 5% of the files, seed
+0) times a factor site ``pep8`` = −violations/character of the line judged in its file, as PHF
+scored it (pycodestyle on the whole file, each line given the violations reported on it:
+``scorers.pep8_in_document``). `Pretraining` trains the same tiny GPT-2 from the same
+initialisation and tokenizer with each objective (MLE, filtering, conditional, unlikelihood,
+RWR, AWR) for the same steps × blocks × tokens, with PHF's PEP8 settings.
 
 Per objective:
 
@@ -39,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +98,12 @@ class Sizes:
 
 
 def pep8_target(corpus: Corpus) -> ba.Target:
-    """The PHF target: corpus lines weighted by exp(−violations/char) of the dedented line."""
+    """The PHF target: corpus lines weighted by exp(−violations/char) of the line in its file."""
 
     @ba.target
     def pep8_corpus():
         y = pyro.sample("y", corpus)
-        ba.reward("pep8", scorers.pep8([textwrap.dedent(text) for text in y.text]))
+        ba.reward("pep8", scorers.pep8_in_document(y))
 
     return pep8_corpus
 
@@ -259,7 +255,7 @@ def run(output: Path, quick: bool) -> str:
     if quick:
         (output / "corpus").mkdir(exist_ok=True)
         path = copy_stdlib_slice(output / "corpus", QUICK_CORPUS_BYTES)
-    corpus = Corpus(path, segment="line", split="train", seed=SEED)
+    corpus = Corpus(path, segment="line", split="train", seed=SEED, segment_context=True)
     target = pep8_target(corpus)
     heldout = Corpus(path, segment="line", split="heldout", seed=SEED)
     policy = fresh_policy(corpus, sizes.block_size)
