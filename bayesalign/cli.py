@@ -118,7 +118,9 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
         "pretrain", help="pretrain a GPT-2 prior on a local corpus (default: Python's stdlib)",
         description="Train a byte-level BPE and a GPT-2 on a local corpus, hold out files, "
         "checkpoint and resume exactly, and write a folder CausalLM.from_pretrained loads "
-        "with MODEL_CARD.md and card.json. Unset sizes come from --preset.",
+        "with MODEL_CARD.md and card.json. Unset sizes come from --preset. Several processes: "
+        "accelerate launch --config_file configs/accelerate/{ddp,fsdp,deepspeed}.yaml -m "
+        "bayesalign pretrain ... (data parallel, FSDP2, DeepSpeed ZeRO-2).",
     )
     add = pretrain.add_argument
     add("--corpus", metavar="PATH", help=".py/.txt/.json/.jsonl files, a folder of them, or a "
