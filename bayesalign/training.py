@@ -17,18 +17,14 @@ skips a corrupted one and says so.
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +35,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import zero
+from .checkpoint_files import (
+    config_identity,
+    describe_differences,
+    rng_state,
+    set_rng_state,
+    verify,
+    write_manifest,
+)
 from .distribution import SequenceDistribution
 from .errors import BayesAlignError, ConfigError
 from .sharding import (
@@ -312,7 +316,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         if self.zero_engine is None:
             weights, optimizer_state = full_state(self.module, self.optimizer)  # on every process
         else:  # each process writes its partition of the optimizer state
@@ -325,14 +329,12 @@ class Trainer:
             if self.accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
                 torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
             torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / "engine.pt")
-            meta = {"step": step, "engine": self.engine, "config": _config_identity(self.config),
+            meta = {"step": step, "engine": self.engine, "config": config_identity(self.config),
                     "history": self.history}
             (tmp / "trainer.json").write_text(json.dumps(meta))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            manifest = {str(f.relative_to(tmp)): _sha256(f)
-                        for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / "manifest.json").write_text(json.dumps(manifest))
+            write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self._checkpoints()[: -self.config.keep_checkpoints]:
@@ -344,7 +346,7 @@ class Trainer:
         if not self.config.checkpoint_dir or not Path(self.config.checkpoint_dir).exists():
             return
         for checkpoint in reversed(self._checkpoints()):
-            problem = _verify(checkpoint)
+            problem = verify(checkpoint)
             if problem is None:
                 self._load(checkpoint)
                 return
@@ -353,10 +355,10 @@ class Trainer:
 
     def _load(self, checkpoint: Path) -> None:
         meta = json.loads((checkpoint / "trainer.json").read_text())
-        if meta["engine"] != self.engine or meta["config"] != _config_identity(self.config):
+        if meta["engine"] != self.engine or meta["config"] != config_identity(self.config):
             raise ConfigError(
                 f"{checkpoint} was written by {meta['engine']} with another configuration "
-                f"({describe_differences(meta['config'], _config_identity(self.config))}); use a new "
+                f"({describe_differences(meta['config'], config_identity(self.config))}); use a new "
                 "checkpoint_dir or the same settings"
             )
         # Multi-process CPU runs get device "cpu:0", which safetensors and torch.load refuse.
@@ -368,7 +370,7 @@ class Trainer:
             obj.load_state_dict(engine_state[name])
         rank_file = checkpoint / f"rng-{self.accelerator.process_index}.pt"
         if rank_file.exists():
-            _set_rng_state(torch.load(rank_file, weights_only=False))
+            set_rng_state(torch.load(rank_file, weights_only=False))
         else:  # resumed on more processes than wrote the checkpoint: weights are exact, RNG is not
             warnings.warn(f"{checkpoint} has no RNG state for process "
                           f"{self.accelerator.process_index}; it continues from its seed", stacklevel=3)
@@ -396,45 +398,6 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt"))
 
 
-def _config_identity(config: TrainingConfig) -> dict:
-    """The settings a resumed run must share with the run that wrote the checkpoint."""
-    identity = {k: v for k, v in asdict(config).items()
-                if k not in ("steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
-                             "progress", "policy", "proposal")}
-    return json.loads(json.dumps(identity, default=repr))
-
-
-def describe_differences(a: dict, b: dict) -> str:
-    """``key: A there, B here`` for every setting that differs (for resume errors)."""
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys) or "engine"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verify(checkpoint: Path) -> str | None:
-    manifest_file = checkpoint / "manifest.json"
-    if not manifest_file.exists():
-        return "no manifest"
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError:
-        return "corrupted manifest"
-    for name, digest in manifest.items():
-        path = checkpoint / name
-        if not path.exists():
-            return f"missing {name}"
-        if _sha256(path) != digest:
-            return f"checksum mismatch in {name}"
-    return None
-
-
 def _peak_memory_mb() -> float:
     """This process' peak memory so far: torch's allocations on a GPU, else the resident set."""
     if torch.cuda.is_available():
@@ -443,22 +406,6 @@ def _peak_memory_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes there, KiB on Linux
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "random": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
@@ -470,21 +417,3 @@ def _seeded_per_process(seed: int, rank: int) -> Iterator[None]:
         yield
 
 
-def history_to_csv(history: list[dict[str, float]], path: str | Path) -> Path:
-    """Write per-step metrics as CSV (one row per optimizer step)."""
-    path = Path(path)
-    columns = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    return path
-
-
-def history_to_arviz(history: list[dict[str, float]]) -> Any:
-    """Per-step metrics as an ArviZ InferenceData (one chain, draws = steps, in sample_stats)."""
-    import arviz as az
-
-    columns = sorted({k for row in history for k in row} - {"step"})
-    stats = {k: np.array([[row.get(k, math.nan) for row in history]]) for k in columns}
-    return az.from_dict(sample_stats=stats, attrs={"steps": len(history)})

@@ -1,6 +1,7 @@
 """How a target is solved: engines sharing one protocol, ``fit(target, context) -> Posterior``."""
 
-from bayesalign.training import TrainingConfig, TrainingError, history_to_arviz, history_to_csv
+from bayesalign.history import history_to_arviz, history_to_csv
+from bayesalign.training import TrainingConfig, TrainingError
 
 from .base import Engine
 from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law

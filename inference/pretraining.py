@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bayesalign.checkpoint_files import describe_differences
 from bayesalign.errors import ConfigError, InvalidTargetError
 from bayesalign.evaluation import evaluate
 from bayesalign.models.adaptors import BanTokens
@@ -39,7 +40,7 @@ from bayesalign.models.pretraining.train import PRESETS
 from bayesalign.models.tiny import tiny_gpt2
 from bayesalign.posterior import Posterior
 from bayesalign.targets import NO_CONTEXT, Target
-from bayesalign.training import Trainer, TrainingConfig, describe_differences, require_positive
+from bayesalign.training import Trainer, TrainingConfig, require_positive
 
 from .base import seeded
 from .phf_objectives import awr_loss, mle_loss, rwr_loss, token_log_probs, unlikelihood_loss

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from bayesalign.checkpoint_files import describe_differences
 from bayesalign.errors import ConfigError
-from bayesalign.training import Trainer, TrainingConfig, describe_differences, history_to_csv
+from bayesalign.history import history_to_csv
+from bayesalign.training import Trainer, TrainingConfig
 
 from ..causal_lm import CausalLM
 from ..tiny import tiny_gpt2

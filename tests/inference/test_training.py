@@ -17,6 +17,7 @@ import torch
 from conftest import toy_a_prior, toy_a_target
 
 import bayesalign as ba
+from bayesalign.checkpoint_files import verify
 from bayesalign.errors import (
     ConfigError,
     EmptySupportError,
@@ -25,7 +26,7 @@ from bayesalign.errors import (
 )
 from bayesalign.inference import DPG, KLRL, TrainingError, history_to_arviz, history_to_csv
 from bayesalign.models import TabularLM
-from bayesalign.training import Trainer, TrainingConfig, _verify
+from bayesalign.training import Trainer, TrainingConfig
 
 SETTINGS = {"steps": 600, "batch_size": 32, "seed": 3, "progress": False}
 
@@ -69,7 +70,7 @@ def kill_after_first_checkpoint(script: str, ckpt: Path, steps: int, timeout: fl
     assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
     written = sorted(ckpt.glob("checkpoint-*"))
     assert written and int(written[-1].name.split("-")[1]) < steps
-    assert all(_verify(c) is None for c in written)  # none half-written
+    assert all(verify(c) is None for c in written)  # none half-written
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -137,7 +138,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
     with pytest.raises(InvalidFactorError, match="factor 'r' is nan for sample"):
         DPG(**SETTINGS, checkpoint_dir=str(tmp_path), checkpoint_every=20).fit(turns_nan)
-    assert all(_verify(c) is None for c in tmp_path.glob("checkpoint-*"))
+    assert all(verify(c) is None for c in tmp_path.glob("checkpoint-*"))
     assert list(tmp_path.glob("checkpoint-*"))
 
 
@@ -154,7 +155,7 @@ def test_nan_loss_names_the_step_and_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(DPG, "_loss", sometimes_nan)
     with pytest.raises(TrainingError, match=r"loss is nan at step 25.*checkpoint-00000020"):
         engine.fit(toy_a_target(1.0))
-    assert _verify(sorted(tmp_path.glob("checkpoint-*"))[-1]) is None
+    assert verify(sorted(tmp_path.glob("checkpoint-*"))[-1]) is None
 
 
 def test_all_weights_zero_names_the_step():
