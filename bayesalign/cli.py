@@ -89,7 +89,8 @@ def _print_once(message: str) -> None:
 
 # Options of PHF objectives on a target (inference/pretraining_run.py), not of plain MLE.
 _TARGET_OPTIONS = ("objective", "target", "threshold_quantile", "drop_token_fraction",
-                   "unlikelihood_mode", "awr_alpha", "awr_beta", "score_cache")
+                   "conditional_decoding", "unlikelihood_mode", "awr_alpha", "awr_beta",
+                   "score_cache")
 
 
 def _add_objectives(add: Callable[..., object]) -> None:
@@ -103,6 +104,9 @@ def _add_objectives(add: Callable[..., object]) -> None:
         help="good/bad threshold at this quantile of the segment scores (default: %(default)s)")
     add("--drop-token-fraction", type=float, default=0.01, metavar="F",
         help="conditional: fraction of segments left untagged (default: %(default)s)")
+    add("--conditional-decoding", default="once", choices=["once", "every_segment"],
+        help="conditional: sample given <|good|> once with both tags banned (once), or ban "
+        "<|bad|> only and let the model tag each segment, tags hidden (every_segment, PHF's)")
     add("--unlikelihood-mode", default="hard", choices=["hard", "soft"],
         help="unlikelihood: threshold (hard) or PHF's weight 1 + R (soft) (default: hard)")
     add("--awr-alpha", type=float, default=0.5, metavar="A",

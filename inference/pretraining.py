@@ -7,7 +7,10 @@ corpus(y)·L(y). Each objective trains a causal LM toward it from the corpus alo
 - ``filtering``: rejection sampling on the corpus (documents whose mean score passes the
   threshold), then MLE;
 - ``conditional``: MLE on (tag, y), each segment preceded by ``<|good|>`` or ``<|bad|>``, then
-  sampling conditioned on ``<|good|>`` with both control tokens banned;
+  sampling conditioned on ``<|good|>`` with both control tokens banned (``conditional_decoding
+  = "once"``), or as PHF's code samples: ``<|bad|>`` banned, the model writing ``<|good|>``
+  before each segment itself, tags left out of the text (``"every_segment"``; on phf_pep8 this
+  cut violations 2.5× where "once" gained nothing);
 - ``unlikelihood``: MLE on good segments, α·unlikelihood on bad ones (hard threshold, or PHF's
   soft weight ``1 + R``, SPEC §5 quirk);
 - ``rwr``: MLE on importance weights exp(R/β): with ``awr_beta = 1`` exactly the posterior's;
@@ -66,6 +69,7 @@ class Pretraining(TrainingConfig):
     threshold_quantile: float = 0.5  # threshold = this quantile of the scores, in (0, 1)
     drop_token_fraction: float = 0.01  # segments left untagged in conditional training
     new_token_init: str = "mean"  # control-token embeddings: "mean" of the others, or "random"
+    conditional_decoding: str = "once"  # "once": EOS <|good|>, tags banned; "every_segment": PHF's
     unlikelihood_mode: str = "hard"  # "hard": R ≥ threshold; "soft": PHF's weight 1 + R
     unlikelihood_alpha: float = 1.0  # weight of the unlikelihood term
     awr_alpha: float = 0.5  # AWR's policy weight; 1 − α weighs the value loss
@@ -91,6 +95,9 @@ class Pretraining(TrainingConfig):
             raise ConfigError(f"drop_token_fraction must be in [0, 1), got {self.drop_token_fraction}")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.conditional_decoding not in ("once", "every_segment"):
+            raise ConfigError(f"conditional_decoding must be 'once' or 'every_segment', "
+                              f"got {self.conditional_decoding!r}")
         if self.new_token_init not in ("mean", "random"):
             raise ConfigError(f"new_token_init must be 'mean' or 'random', got {self.new_token_init!r}")
         if self.unlikelihood_mode not in ("hard", "soft"):
@@ -216,15 +223,18 @@ class Pretraining(TrainingConfig):
         """The trained LM as a `Posterior`; conditional training samples given ``<|good|>``."""
         tokenizer = data.tokenizer
         if self.objective == "conditional":
-            banned = tuple(tokenizer.convert_tokens_to_ids([GOOD_TOKEN, BAD_TOKEN]))
+            good, bad = tokenizer.convert_tokens_to_ids([GOOD_TOKEN, BAD_TOKEN])
+            every = self.conditional_decoding == "every_segment"
             policy = CausalLM(model, tokenizer, max_new_tokens=self.max_new_tokens,
-                              adaptors=(BanTokens(banned),),
-                              prompt=tokenizer.eos_token + GOOD_TOKEN)
+                              adaptors=(BanTokens((bad,) if every else (good, bad)),),
+                              prompt=tokenizer.eos_token + GOOD_TOKEN,
+                              hidden_tokens=(good,) if every else ())
         else:
             policy = CausalLM(model, tokenizer, max_new_tokens=self.max_new_tokens)
         with seeded(self.seed):
             samples = policy.sample_batch(self.num_samples)
         config = {"objective": self.objective, "threshold_quantile": self.threshold_quantile,
+                  "conditional_decoding": self.conditional_decoding,
                   **{k: v for k, v in data.meta.items() if k not in ("identity", "dtype")},
                   **{k: getattr(self, k) for k in _RUN_OPTIONS}, "sharding": sharding}
         post = Posterior(samples, engine=f"Pretraining[{self.objective}]", target=target,

@@ -77,6 +77,7 @@ def pretrain_target(options: dict[str, Any], command: str) -> Path:
         data_dir=str(work / "data"), score_cache=options["score_cache"],
         threshold_quantile=options["threshold_quantile"],
         drop_token_fraction=options["drop_token_fraction"],
+        conditional_decoding=options["conditional_decoding"],
         unlikelihood_mode=options["unlikelihood_mode"], awr_alpha=options["awr_alpha"],
         awr_beta=options["awr_beta"], num_samples=options["num_samples"],
     )

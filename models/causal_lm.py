@@ -35,6 +35,8 @@ class CausalLM(SequenceDistribution):
     ``prompt`` a list, row ``i`` of a batch of ``n`` uses ``prompt[i // (n // len(prompt))]``
     (each prompt's samples are contiguous), and ``n`` must be a multiple of ``len(prompt)``.
     An adaptor chain (``adapted``) turns the prior into a locally normalised proposal.
+    ``hidden_tokens`` are sampled and scored like any token but left out of the decoded text
+    (the ``<|good|>`` tags a conditionally trained model writes before its segments).
     With ``chat_template`` on, each prompt is encoded as one user turn of the tokenizer's chat
     template followed by the assistant's header, so samples are assistant answers (an empty or
     absent prompt still starts from the start token alone).
@@ -51,6 +53,7 @@ class CausalLM(SequenceDistribution):
         adaptors: Sequence[Adaptor] = (),
         prompt: Prompt = None,
         chat_template: bool = False,
+        hidden_tokens: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
@@ -74,6 +77,7 @@ class CausalLM(SequenceDistribution):
         self.adaptors = tuple(adaptors)
         self.prompt = _check_prompt(prompt)
         self.chat_template = chat_template
+        self.hidden_tokens = frozenset(hidden_tokens)  # sampled and scored, left out of .text
         self.eos_token_id = tokenizer.eos_token_id
         # Pad fills rows after their EOS; it is never read (masks are built by position).
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
@@ -249,7 +253,7 @@ class CausalLM(SequenceDistribution):
             mask=mask_through_eos(tokens, self.eos_token_id),
             context=None if self.prompt is None else contexts,
             log_q=log_q,
-            decoder=_decoder(self.tokenizer, self.eos_token_id),
+            decoder=_decoder(self.tokenizer, self.eos_token_id, self.hidden_tokens),
         )
 
     def token_log_probs(self, value: Sequences) -> torch.Tensor:
@@ -313,11 +317,13 @@ def _check_prompt(prompt: Prompt) -> Prompt:
     return prompt
 
 
-def _decoder(tokenizer: PreTrainedTokenizerBase, eos_token_id: int | None) -> Decoder:
-    """Decode real tokens without the closing EOS, which is not part of the text."""
+def _decoder(tokenizer: PreTrainedTokenizerBase, eos_token_id: int | None,
+             hidden: frozenset[int] = frozenset()) -> Decoder:
+    """Decode real tokens without the closing EOS, which is not part of the text, and without
+    ``hidden`` ones (control tags a model writes)."""
 
     def decode(rows: list[list[int]]) -> list[str]:
         trimmed = [r[:-1] if r and r[-1] == eos_token_id else r for r in rows]
-        return tokenizer.batch_decode(trimmed)
+        return tokenizer.batch_decode([[t for t in r if t not in hidden] for r in trimmed])
 
     return decode

@@ -70,6 +70,25 @@ def test_conditional_training_tags_each_segment_once_and_never_samples_a_tag(cor
     assert draws.context[0] == data.tokenizer.eos_token + GOOD_TOKEN  # conditioned on <|good|>
 
 
+def test_phf_decoding_lets_the_model_tag_segments_and_hides_the_tags(corpus, tmp_path):
+    engine = Pretraining(objective="conditional", conditional_decoding="every_segment",
+                         data_dir=str(tmp_path / "data"), **{**TINY, "steps": 30})
+    post = engine.fit(clean_target(corpus))
+    good, bad = post.policy.tokenizer.convert_tokens_to_ids([GOOD_TOKEN, BAD_TOKEN])
+    draws = post.sample(64)
+    assert not (draws.tokens == bad).any()  # "every segment good": <|bad|> is never written
+    tagged = (draws.tokens == good).any(-1)
+    assert tagged.any()  # trained with a tag before every line, it writes <|good|> itself
+    assert not any(GOOD_TOKEN in t or BAD_TOKEN in t for t in draws.text)
+    row = int(tagged.nonzero()[0])
+    plain = post.policy.tokenizer.decode([t for t in draws.token_lists()[row] if t != good
+                                          and t != post.policy.eos_token_id])
+    assert draws.text[row] == plain
+    assert post.config["conditional_decoding"] == "every_segment"
+    with pytest.raises(ConfigError, match="conditional_decoding must be"):
+        Pretraining(objective="conditional", conditional_decoding="always")
+
+
 def test_control_token_strings_in_the_corpus_stay_text(tmp_path):
     folder = write_corpus(tmp_path / "corpus")
     (folder / "p0.txt").write_text('tags = "<|good|> <|bad|> <|endoftext|>"\nvalue = 1 bad\n')
