@@ -16,6 +16,11 @@ ratio of the medians and the median of the per-round ratios.
 through the on-disk score cache, cold (a new SQLite file: every distinct line scored, then
 stored) and warm (the same file again: every score read), beside calling the target directly
 with no cache. Batches of ``--score-batch`` lines, as data preparation sends them.
+
+(c) Segments/s of the PEP8 factor on each line judged alone (`scorers.pep8`, worker
+processes), against each line judged in its file (`scorers.pep8_in_document` on a corpus with
+``segment_context``: pycodestyle once per file, in this process), no cache, the per-file memo
+cleared before each round.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import bayesalign as ba
 from bayesalign.inference import Pretraining
 from bayesalign.inference.pretraining_data import ScoreCache, score_segments, scorer_identity
 from bayesalign.models import Corpus, scorers
+from bayesalign.models.corpus_prior import origins
 from bayesalign.models.pretraining import copy_stdlib_slice
 from bayesalign.targets import NO_CONTEXT
 
@@ -45,7 +51,7 @@ def pep8_target(corpus: Corpus) -> ba.Target:
     @ba.target
     def clean_code():
         y = pyro.sample("y", corpus)
-        ba.reward("pep8", scorers.pep8(y))
+        ba.reward("pep8", scorers.pep8_in_document(y) if corpus.segment_context else scorers.pep8(y))
 
     return clean_code
 
@@ -126,6 +132,32 @@ def scoring_throughput(args: argparse.Namespace, corpus: Corpus, target: ba.Targ
     report(rates, "segments/s", "cold cache")
 
 
+def context_scoring_throughput(args: argparse.Namespace, path: Path) -> None:
+    in_file = Corpus(path, segment="line", segment_context=True)
+    documents = list(in_file.documents())
+    texts = [s for doc in documents for s in doc]
+    where = [o for doc in documents for o in origins(doc)]
+    spans = range(0, len(texts), args.score_batch)
+    corpora = {"line alone (workers)": Corpus(path, segment="line"), "line in its file": in_file}
+
+    def rate(corpus: Corpus) -> float:
+        target = pep8_target(corpus)
+        scorers._violations_per_line.cache_clear()
+        started = time.perf_counter()
+        with torch.no_grad():
+            for i in spans:
+                origin = where[i:i + args.score_batch] if corpus.segment_context else None
+                target.log_potential(corpus.sequences(texts[i:i + args.score_batch], origin),
+                                     NO_CONTEXT)
+        return len(texts) / (time.perf_counter() - started)
+
+    print(f"(c) PEP8 in context: {len(texts)} lines of {len(documents)} files, batches of "
+          f"{args.score_batch}, no cache, {args.repeats} rounds")
+    rates = interleaved({name: (lambda c=corpus: rate(c)) for name, corpus in corpora.items()},
+                        args.repeats)
+    report(rates, "segments/s", "line alone (workers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "code-small"])
@@ -147,12 +179,14 @@ def main() -> None:
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}, Python {sysconfig.get_python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "corpus").mkdir()
-        corpus = Corpus(copy_stdlib_slice(Path(tmp) / "corpus", args.corpus_bytes), segment="line")
+        path = copy_stdlib_slice(Path(tmp) / "corpus", args.corpus_bytes)
+        corpus = Corpus(path, segment="line")
         target = pep8_target(corpus)
         if args.skip != "training":
             training_throughput(args, target, Path(tmp) / "data")
         if args.skip != "scoring":
             scoring_throughput(args, corpus, target, Path(tmp))
+            context_scoring_throughput(args, path)
 
 
 if __name__ == "__main__":
