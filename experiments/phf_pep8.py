@@ -145,18 +145,19 @@ def sample_texts(post: Posterior, sizes: Sizes, phf_decoding: bool = False) -> l
     once in a first full run.
     """
     policy = post.policy
-    adaptors = policy.adaptors
-    if phf_decoding:
-        adaptors = (BanTokens(control_ids(policy.tokenizer)[1:]),)
+    adaptors, hidden = policy.adaptors, policy.hidden_tokens
+    if phf_decoding:  # as Pretraining(conditional_decoding="every_segment") samples
+        good, bad = control_ids(policy.tokenizer)
+        adaptors, hidden = (BanTokens((bad,)),), (good,)
     chain = (*adaptors, BanTokens((policy.eos_token_id,)),
              *make_adaptors(temperature=TEMPERATURE, top_p=TOP_P))
     sampler = CausalLM(policy.model, policy.tokenizer, max_new_tokens=policy.max_new_tokens,
-                       adaptors=chain, prompt=policy.prompt)
+                       adaptors=chain, prompt=policy.prompt, hidden_tokens=hidden)
     texts: list[str] = []
     with seeded(SEED):
         while len(texts) < sizes.samples:
             texts += sampler.sample_batch(min(64, sizes.samples - len(texts))).text
-    return [t.replace(GOOD_TOKEN, "") for t in texts] if phf_decoding else texts
+    return texts
 
 
 def expected_max(values: np.ndarray, k: int) -> float:
