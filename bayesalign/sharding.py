@@ -47,6 +47,12 @@ class ShardingPlan:
     offload_policy: Any  # torch's OffloadPolicy (none) or CPUOffloadPolicy
     activation_checkpointing: bool
 
+    @property
+    def offloads(self) -> bool:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        return isinstance(self.offload_policy, CPUOffloadPolicy)
+
 
 def plan_from_launch(accelerator: Accelerator) -> ShardingPlan | None:
     """The FSDP plan of this launch, or None for data parallel / single process."""

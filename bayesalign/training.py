@@ -9,9 +9,9 @@ and a DeepSpeed launch partitions the optimizer state (`bayesalign.zero`, ZeRO-1
 Checkpoints are written by this module (safetensors weights and optimizer state keyed by
 parameter name, RNG states, engine state, history) rather than ``accelerate.save_state``, so a
 data-parallel and an FSDP run write the same files; DeepSpeed adds its partitioned optimizer
-state in ``deepspeed/``. A checkpoint is written to a temporary
-folder, checksummed, then renamed, so a kill mid-write never leaves a half checkpoint; resume
-skips a corrupted one and says so.
+state in ``deepspeed/``. A checkpoint is written to a temporary folder, checksummed, then
+renamed, so a kill mid-write never leaves a half checkpoint; resume skips a corrupted one and
+says so.
 """
 
 from __future__ import annotations
@@ -151,7 +151,6 @@ class Trainer:
                                    config.max_grad_norm, precision,
                                    self.accelerator.num_processes))
             self.optimizer = self.zero_engine.optimizer  # partitioned; param_groups as torch's
-            self.zero_stage = zero_plan.stage
         self.history: list[dict[str, float]] = []
         self.start_step = 0
         self.micro_step = 0
@@ -159,10 +158,9 @@ class Trainer:
     def _require_sharding_support(self, supports_sharding: bool) -> None:
         if not supports_sharding:
             raise ConfigError(
-                f"{self.engine} samples from its policy within each step, and each process stops "
-                "sampling at its own length, which FSDP's lockstep weight gathers do not allow "
-                "(DeepSpeed is supported for pretraining only too); launch with "
-                "configs/accelerate/ddp.yaml"
+                f"{self.engine}: FSDP and DeepSpeed launches serve pretraining only; this engine "
+                "samples from its policy within each step, each process to its own length, which "
+                "FSDP's lockstep weight gathers do not allow; launch with configs/accelerate/ddp.yaml"
             )
 
     def _shard(self, separately_called: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
@@ -173,6 +171,9 @@ class Trainer:
         if self.accelerator.mixed_precision == "fp16":
             raise ConfigError(f"{self.engine}: FSDP with fp16 needs a sharded grad scaler; use "
                               "mixed_precision bf16 (or no)")
+        if plan.offloads and self.device.type == "cpu":
+            raise ConfigError(f"{self.engine}: fsdp_offload_params moves shards from a GPU to the "
+                              "CPU; this run is on the CPU already: set it to false")
         if not torch.distributed.is_initialized():
             warnings.warn(f"{self.engine}: an FSDP launch with one process shards nothing; "
                           "training unsharded", stacklevel=3)
@@ -187,10 +188,13 @@ class Trainer:
     def parallelism(self) -> dict[str, Any]:
         """How this run is spread over processes (for cards and run configs)."""
         launch = ("fsdp" if self.sharded_from is not None
-                  else f"deepspeed_zero{self.zero_stage}" if self.zero_engine is not None
+                  else f"deepspeed_zero{self.zero_engine.zero_optimization_stage()}"
+                  if self.zero_engine is not None
                   else "data_parallel" if self.accelerator.num_processes > 1 else "single_process")
         return {"launch": launch, "processes": self.accelerator.num_processes,
-                "parameter_fraction_per_process": local_parameter_fraction(self.module)}
+                "parameter_fraction_per_process": local_parameter_fraction(self.module),
+                "activation_checkpointing": bool(getattr(self.module, "is_gradient_checkpointing",
+                                                         False))}
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All processes' values (for global weight normalisation, DESIGN.md 'Scale')."""
@@ -257,7 +261,7 @@ class Trainer:
                 self.zero_engine.step()
             rows.append({"loss": float(loss.detach()), **metrics})
         if self.zero_engine is None:
-            self._update(step)
+            self._update()
         row = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
         # The loss of the global batch, not of this process' share: the curve the history
         # records is then the same for any number of processes. Memory: the busiest process.
@@ -265,7 +269,7 @@ class Trainer:
         row["step"] = step
         return row
 
-    def _update(self, step: int) -> None:
+    def _update(self) -> None:
         """Average (data parallel), unscale (fp16), clip, then step the optimizer."""
         self._average_gradients()
         scaler = self.accelerator.scaler  # fp16 only: backward scaled the loss

@@ -56,6 +56,16 @@ def test_fsdp_shards_the_weights_and_follows_the_one_process_loss_curve(fsdp_run
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
 
 
+def test_activation_checkpointing_recomputes_without_changing_the_curve(corpus, one_process_run,
+                                                                       tmp_path):
+    output = tmp_path / "recompute"
+    launch_two_processes_mle(corpus, output, "fsdp",
+                             launcher=["--fsdp_activation_checkpointing=true"])
+    sharding = json.loads((output / "card.json").read_text())["sharding"]
+    assert sharding["launch"] == "fsdp" and sharding["activation_checkpointing"]
+    assert max_difference(history(output), history(one_process_run), "loss") < LOSS_TOLERANCE
+
+
 def test_fsdp_resumes_its_checkpoint_bit_identically(corpus, fsdp_run, tmp_path):
     interrupted = tmp_path / "interrupted"
     shutil.copytree(fsdp_run / "training", interrupted / "training")
@@ -130,6 +140,13 @@ def test_fsdp_refuses_fp16(fsdp_launch, monkeypatch):
     monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
     with pytest.raises(ConfigError, match="fp16.*bf16"):
         Trainer(TrainingConfig(steps=1), toy_a_prior(), engine="pretrain", supports_sharding=True)
+
+
+def test_parameter_offload_on_a_cpu_run_is_refused(fsdp_launch):
+    fsdp_launch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params.*on the CPU already"):
+        Trainer(TrainingConfig(steps=1), toy_a_prior().trainable_copy(), engine="pretrain",
+                supports_sharding=True)
 
 
 @pytest.mark.parametrize("variable, value, message", [
