@@ -88,7 +88,7 @@ def shard(module: torch.nn.Module, plan: ShardingPlan, engine: str,
         if not getattr(module, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{engine}: fsdp_activation_checkpointing needs a transformers "
                               f"model that supports it; {type(module).__name__} does not")
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing_call(module, "enable", {"use_reentrant": False})
     # Our losses never write in place into a model's output, which is what this warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     device = next(module.parameters()).device
@@ -154,9 +154,26 @@ def unsharded(module: torch.nn.Module, skeleton: torch.nn.Module,
     plain.load_state_dict({k: v.detach().to(device) for k, v in weights.items()})
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()  # to_empty gave tied parameters separate storage
-    if getattr(plain, "is_gradient_checkpointing", False):
-        plain.gradient_checkpointing_disable()
+    if recomputes_activations(plain):
+        _checkpointing_call(plain, "disable")
     return plain
+
+
+def recomputes_activations(module: torch.nn.Module) -> bool:
+    """Whether a transformers model has activation (gradient) checkpointing on."""
+    flag = getattr(module, "is_activation_checkpointing", None)  # transformers >= 5
+    return bool(getattr(module, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+def _checkpointing_call(module: torch.nn.Module, action: str, kwargs: dict | None = None) -> None:
+    """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old
+    names go in v6); the floor, 4.45, has only the old ones."""
+    new = getattr(module, f"activation_checkpointing_{action}", None)
+    if new is not None:
+        new(**({} if kwargs is None else {"activation_checkpointing_kwargs": kwargs}))
+    else:
+        getattr(module, f"gradient_checkpointing_{action}")(
+            **({} if kwargs is None else {"gradient_checkpointing_kwargs": kwargs}))
 
 
 def _tied_aliases(module: torch.nn.Module) -> dict[str, str]:

@@ -50,6 +50,7 @@ from .sharding import (
     load_full_state,
     local_parameter_fraction,
     plan_from_launch,
+    recomputes_activations,
     shard,
     unsharded,
 )
@@ -193,8 +194,7 @@ class Trainer:
                   else "data_parallel" if self.accelerator.num_processes > 1 else "single_process")
         return {"launch": launch, "processes": self.accelerator.num_processes,
                 "parameter_fraction_per_process": local_parameter_fraction(self.module),
-                "activation_checkpointing": bool(getattr(self.module, "is_gradient_checkpointing",
-                                                         False))}
+                "activation_checkpointing": recomputes_activations(self.module)}
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All processes' values (for global weight normalisation, DESIGN.md 'Scale')."""
