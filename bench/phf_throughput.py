@@ -142,7 +142,7 @@ def context_scoring_throughput(args: argparse.Namespace, path: Path) -> None:
 
     def rate(corpus: Corpus) -> float:
         target = pep8_target(corpus)
-        scorers._violations_per_line.cache_clear()
+        scorers.violations_per_line.cache_clear()
         started = time.perf_counter()
         with torch.no_grad():
             for i in spans:

@@ -82,8 +82,9 @@ def _lines(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)  # the segments of one document arrive together
-def _violations_per_line(document: str) -> tuple[list[int], list[int]]:
-    """The document's line start offsets and each line's pycodestyle violations."""
+def violations_per_line(document: str) -> tuple[list[int], list[int]]:
+    """The document's line start offsets (in its own characters) and each line's pycodestyle
+    violations, pycodestyle run once on the whole document."""
     report = _ViolationLines(_STYLE.options)
     pycodestyle.Checker(lines=_lines(document), options=_STYLE.options, report=report).check_all()
     # pycodestyle's lines (universal newlines), measured in the document's own characters.
@@ -108,7 +109,7 @@ def pep8_in_document(y: Sequences) -> torch.Tensor:
                           "from Corpus(..., segment_context=True)")
     rewards = []
     for text, (document, start) in zip(y.text, y.origin):
-        starts, counts = _violations_per_line(document)
+        starts, counts = violations_per_line(document)
         first = bisect.bisect_right(starts, start) - 1
         last = bisect.bisect_left(starts, start + max(len(text), 1)) - 1
         violations = sum(counts[first:last + 1])

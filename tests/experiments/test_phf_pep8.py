@@ -23,6 +23,8 @@ def test_quick_run_measures_every_objective(tmp_path):
         assert math.isfinite(rate) and rate >= 0 and se >= 0
         assert all(math.isfinite(float(x)) for x in (c[5], c[6], c[7]))
         assert float(c[5]) >= rate  # the max of k samples is at least their mean
+        code_rate = float(c[9].split("±")[0])
+        assert math.isfinite(code_rate) and code_rate >= 0 and 0 <= float(c[11]) <= 1
     assert float(rows["mle"][7]) == 0  # MLE's KL from itself
     assert rows["conditional"][1] == "0"  # PHF's threshold: aligned iff no violation
     samples = json.loads((tmp_path / "samples.json").read_text())
@@ -40,3 +42,11 @@ def test_expected_max_matches_enumeration_of_subsets():
     exact = np.mean([max(s) for s in combinations(values, 3)])
     assert math.isclose(phf_pep8.expected_max(values, 3), exact)
     assert math.isclose(phf_pep8.expected_max(values, 1), values.mean())
+
+
+def test_code_line_rate_counts_only_code_lines_in_their_sample():
+    # 'x=1' is E225 alone and E225 + E305 after a function; comments and blank lines don't count.
+    assert phf_pep8.code_line_rate("# note\nx=1\n") == 1 / 4
+    assert phf_pep8.code_line_rate("def f():\n    return 1\nx=1") == 2 / 25
+    assert math.isnan(phf_pep8.code_line_rate("# only a comment\n\n"))
+    assert phf_pep8.comment_fraction(["# a\nx = 1\n\n", "#b\n"]) == 2 / 3
