@@ -9,8 +9,9 @@ corpus(y)·L(y). Each objective trains a causal LM toward it from the corpus alo
 - ``conditional``: MLE on (tag, y), each segment preceded by ``<|good|>`` or ``<|bad|>``, then
   sampling conditioned on ``<|good|>`` with both control tokens banned (``conditional_decoding
   = "once"``), or as PHF's code samples: ``<|bad|>`` banned, the model writing ``<|good|>``
-  before each segment itself, tags left out of the text (``"every_segment"``; on phf_pep8 this
-  cut violations 2.5× where "once" gained nothing);
+  before each segment itself, tags left out of the text (``"every_segment"``; on phf_pep8 it
+  cut PHF's violations per character 2.5× where "once" gained nothing, by writing comments:
+  its code lines were worse than MLE's);
 - ``unlikelihood``: MLE on good segments, α·unlikelihood on bad ones (hard threshold, or PHF's
   soft weight ``1 + R``, SPEC §5 quirk);
 - ``rwr``: MLE on importance weights exp(R/β): with ``awr_beta = 1`` exactly the posterior's;
