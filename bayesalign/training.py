@@ -46,6 +46,7 @@ from .checkpoint_files import (
 from .distribution import SequenceDistribution
 from .errors import BayesAlignError, ConfigError
 from .sharding import (
+    ShardingPlan,
     full_state,
     load_full_state,
     local_parameter_fraction,
@@ -131,9 +132,10 @@ class Trainer:
         self.module = policy.module
         self.module.to(self.accelerator.device)
         zero_plan = zero.plan_from_launch(self.accelerator)
-        if zero_plan is not None or plan_from_launch(self.accelerator) is not None:
+        fsdp_plan = None if zero_plan else plan_from_launch(self.accelerator)
+        if zero_plan is not None or fsdp_plan is not None:
             self._require_sharding_support(supports_sharding)
-        self.sharded_from = None if zero_plan else self._shard(separately_called)
+        self.sharded_from = None if fsdp_plan is None else self._shard(fsdp_plan, separately_called)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"{engine}: the policy has no trainable parameters")
@@ -164,11 +166,9 @@ class Trainer:
                 "FSDP's lockstep weight gathers do not allow; launch with configs/accelerate/ddp.yaml"
             )
 
-    def _shard(self, separately_called: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
-        """Shard the module if this is an FSDP launch; returns its meta skeleton (None if not)."""
-        plan = plan_from_launch(self.accelerator)
-        if plan is None:
-            return None
+    def _shard(self, plan: ShardingPlan,
+               separately_called: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
+        """Shard the module as ``plan`` says; returns its meta skeleton (None if unsharded)."""
         if self.accelerator.mixed_precision == "fp16":
             raise ConfigError(f"{self.engine}: FSDP with fp16 needs a sharded grad scaler; use "
                               "mixed_precision bf16 (or no)")

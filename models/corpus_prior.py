@@ -122,18 +122,24 @@ class Corpus(SequenceDistribution):
                 if pieces := partition(text, self.segment):
                     yield pieces
 
-    @cached_property
+    @property
     def segments(self) -> list[str]:
         """Every segment, in corpus order (read once, on first use; sampling needs random access)."""
-        found = [s for pieces in self.documents() for s in pieces]
-        if not found:
-            raise ConfigError(f"Corpus {self.source.name}: no {self.segment} has any text")
-        return found
+        return self._read[0]
 
     @cached_property
-    def _origins(self) -> list[tuple[str, int]]:
-        """``segments``' (document, offset) pairs (the documents are shared, not copied)."""
-        return [o for pieces in self.documents() for o in origins(pieces)]
+    def _read(self) -> tuple[list[str], list[tuple[str, int]]]:
+        """``segments`` and, with ``segment_context``, their (document, offset) pairs, in one pass
+        over the corpus (the documents are shared, not copied)."""
+        found: list[str] = []
+        where: list[tuple[str, int]] = []
+        for pieces in self.documents():
+            found += pieces
+            if self.segment_context:
+                where += origins(pieces)
+        if not found:
+            raise ConfigError(f"Corpus {self.source.name}: no {self.segment} has any text")
+        return found, where
 
     def fingerprint(self) -> dict:
         """What decides the segments and their encoding (for caches and resume checks)."""
@@ -164,7 +170,7 @@ class Corpus(SequenceDistribution):
     def sample_batch(self, num_samples: int) -> Sequences:
         """``num_samples`` segments drawn uniformly with torch's RNG; ``log_q`` is None (unknown)."""
         index = torch.randint(len(self.segments), (num_samples,)).tolist()
-        origin = [self._origins[i] for i in index] if self.segment_context else None
+        origin = [self._read[1][i] for i in index] if self.segment_context else None
         return self.sequences([self.segments[i] for i in index], origin)
 
     def log_prob(self, value: Sequences) -> torch.Tensor:
