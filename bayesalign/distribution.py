@@ -57,7 +57,12 @@ class SequenceDistribution(TorchDistribution):
         raise NotImplementedError
 
     def given(self, context: object) -> SequenceDistribution:
-        """This distribution conditioned on ``context`` (a prompt), for conditional targets."""
+        """This distribution conditioned on ``context`` (a prompt), for conditional targets;
+        itself for "no context" (``NO_CONTEXT``), so callers never branch on it."""
+        return self if context is None else self.conditioned(context)
+
+    def conditioned(self, context: object) -> SequenceDistribution:
+        """This distribution given a context that is there (what subclasses implement)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be conditioned on a context")
 
     def trainable_copy(self) -> SequenceDistribution:

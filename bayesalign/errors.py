@@ -43,3 +43,13 @@ class ScorerTimeoutError(ScorerError, TimeoutError):
 
 class NoLogProbError(BayesAlignError, TypeError):
     """A log-probability was asked of a prior that can only be sampled (a `Corpus`)."""
+
+
+class TrainingError(BayesAlignError, RuntimeError):
+    """Training stopped (NaN loss, no usable weights); the last checkpoint is kept."""
+
+
+def require_positive(name: str, value: float) -> None:
+    """Refuse an option that must be > 0, naming it."""
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")

@@ -260,7 +260,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from bayesalign import plots
+    from bayesalign.app import plots
 
     stats = summary(rows)
     names = [s["method"] for s in stats]

@@ -188,7 +188,7 @@ def _report(rows: list[dict], calibration: Calibration, sizes: Sizes, quick: boo
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from bayesalign import plots
+    from bayesalign.app import plots
 
     fig, axes = plots.figure(3, width=4.0, height=3.6)
     titles = {"sat_pep8": "PEP8 better than r_ref", "sat_parses": "parses",

@@ -173,7 +173,7 @@ def _report(rows: list[dict], sizes: Sizes, quick: bool) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from bayesalign import plots
+    from bayesalign.app import plots
 
     # One curve per engine and learning rate; BestOfN's n and QRS's β_q vary along a curve.
     points = [{"engine": re.sub(r" (n|β_q)=\S+", "", r["engine"]),

@@ -46,13 +46,13 @@ import torch
 
 import bayesalign as ba
 from bayesalign.inference import Pretraining
-from bayesalign.inference.base import seeded
 from bayesalign.inference.pretraining_data import BAD_TOKEN, GOOD_TOKEN
 from bayesalign.models import CausalLM, Corpus, scorers
 from bayesalign.models.adaptors import BanTokens, make_adaptors
 from bayesalign.models.pretraining import PRESETS, copy_stdlib_slice
 from bayesalign.models.tiny import tiny_gpt2, train_tokenizer
 from bayesalign.posterior import Posterior
+from bayesalign.seeding import seeded
 
 from .cli import experiment_main
 
@@ -340,7 +340,7 @@ def _report(rows: list[dict], sizes: Sizes, chunks: int, heldout_tokens: int) ->
 
 def _plot(rows: list[dict], path: Path) -> None:
     """Misalignment against KL from MLE, one labelled point per objective."""
-    from bayesalign import plots
+    from bayesalign.app import plots
 
     fig, (ax,) = plots.figure(1, width=5.5, height=4.0)
     for r in rows:

@@ -196,7 +196,7 @@ def _cell(values: list[float]) -> str:
 
 
 def _plot(summary: dict, settings: Settings, path: Path) -> None:
-    from bayesalign import plots
+    from bayesalign.app import plots
 
     fig, (ax,) = plots.figure(1, width=6.0, height=4.2)
     for k, row in enumerate(ROWS):

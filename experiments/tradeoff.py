@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bayesalign.demo import toy_a_target
+from bayesalign.app.demo import toy_a_target
 from bayesalign.inference import KLRL, Exact
 from bayesalign.models import CausalLM, PrefixTreeLM, scorers
 
@@ -207,7 +207,7 @@ def run(output: Path, quick: bool) -> str:
 
 
 def _plot(points: list[dict], path: Path, title: str) -> None:
-    from bayesalign import plots
+    from bayesalign.app import plots
 
     fig, (ax,) = plots.figure(1, width=5.5, height=4.0)
     for p in points:

@@ -1,28 +1,73 @@
-"""How a target is solved: engines sharing one protocol, ``fit(target, context) -> Posterior``."""
+"""How a target is solved: engines sharing one protocol, ``fit(target, ...) -> Posterior``.
 
-from bayesalign.history import history_to_arviz, history_to_csv
-from bayesalign.training import TrainingConfig, TrainingError
+Names resolve on first use (PEP 562): importing a sampling engine loads neither the training
+loop nor accelerate, which only the learned engines need.
+"""
 
-from .base import Engine
-from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law
-from .dpg import DPG
-from .exact import Exact
-from .importance import Importance
-from .klrl import KLRL
-from .moments import MomentFit, fit_moments
-from .pretraining import Pretraining
-from .rejection import QRS, QRSCurves, Rejection, qrs_estimates
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BestOfN": ".best_of_n",
+    "DPG": ".dpg",
+    "Engine": ".base",
+    "Exact": ".exact",
+    "Importance": ".importance",
+    "KLRL": ".klrl",
+    "MomentFit": ".moments",
+    "Pretraining": ".pretraining",
+    "QRS": ".rejection",
+    "QRSCurves": ".rejection",
+    "Rejection": ".rejection",
+    "TrainingConfig": "bayesalign.training",
+    "TrainingError": "bayesalign.errors",
+    "best_of_n_kl_bound": ".best_of_n",
+    "best_of_n_log_law": ".best_of_n",
+    "fit_moments": ".moments",
+    "history_to_arviz": "bayesalign.training",
+    "history_to_csv": "bayesalign.training",
+    "qrs_estimates": ".rejection",
+}
+
+if TYPE_CHECKING:
+    from bayesalign.errors import TrainingError
+    from bayesalign.training import TrainingConfig, history_to_arviz, history_to_csv
+
+    from .base import Engine
+    from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law
+    from .dpg import DPG
+    from .exact import Exact
+    from .importance import Importance
+    from .klrl import KLRL
+    from .moments import MomentFit, fit_moments
+    from .pretraining import Pretraining
+    from .rejection import QRS, QRSCurves, Rejection, qrs_estimates
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
+    "BestOfN",
     "DPG",
+    "Engine",
+    "Exact",
+    "Importance",
     "KLRL",
     "MomentFit",
     "Pretraining",
     "QRS",
-    "BestOfN",
-    "Engine",
-    "Exact",
-    "Importance",
     "QRSCurves",
     "Rejection",
     "TrainingConfig",

@@ -1,8 +1,7 @@
-"""What every engine shares: seeding, drawing proposals in batches, log-weights, checks."""
+"""What every engine shares: drawing proposals in chunks, log-weights, vocabulary checks."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -20,18 +19,6 @@ class Engine(Protocol):
     """Construct with hyperparameters; ``fit(target, context)`` returns a `Posterior`."""
 
     def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior: ...
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Run with torch's RNG seeded, restoring the caller's RNG state afterwards."""
-    if seed is None:
-        yield
-        return
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def resolve_proposal(

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from bayesalign import diagnostics as dx
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import ConfigError, EmptySupportError
+from bayesalign.errors import ConfigError, EmptySupportError, require_positive
 from bayesalign.posterior import Posterior
 from bayesalign.targets import NO_CONTEXT, Target
-from bayesalign.training import Trainer, require_positive
+from bayesalign.training import Trainer
 
 from .policy import PolicyEngineConfig, ScoredBatch, finish, pick_contexts, score_batch
 
@@ -103,6 +103,9 @@ class Proposal:
 @dataclass
 class DPG(PolicyEngineConfig):
     """DPG and its family; a conditional target with ``contexts`` gives CDPG."""
+
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*PolicyEngineConfig.RESUMABLE_CHANGES,
+                                                     "proposal")
 
     divergence: str = "kl"  # f-divergence D_f(π‖p): kl (= forward KL(p‖π)), reverse_kl, tv, js
     baseline: bool = False  # forward KL: the exact Ẑ baseline; others: running mean of f'

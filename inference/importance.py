@@ -8,13 +8,14 @@ from typing import Any
 import torch
 
 from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import require_positive
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
+from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
-from bayesalign.training import require_positive
 
-from .base import batches, resolve_proposal, seeded, weighted_draws
+from .base import batches, resolve_proposal, weighted_draws
 
 
 @dataclass

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from bayesalign.errors import ConfigError
+from bayesalign.errors import ConfigError, require_positive
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
-from bayesalign.training import Trainer, require_positive
+from bayesalign.training import Trainer
 
 from .policy import PolicyEngineConfig, finish, pick_contexts, score_batch
 

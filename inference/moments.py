@@ -20,12 +20,18 @@ import torch
 
 from bayesalign.diagnostics import ess
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError, NotEnumerableError
+from bayesalign.errors import (
+    ConfigError,
+    EmptySupportError,
+    InvalidFactorError,
+    NotEnumerableError,
+    require_positive,
+)
+from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
-from bayesalign.training import require_positive
 
-from .base import batches, resolve_proposal, seeded
+from .base import batches, resolve_proposal
 
 # A tilt exp(λ·φ) spanning more than e^700 over the sample overflows float64: λ is diverging.
 MAX_LOG_TILT = 700.0

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from bayesalign.diagnostics import Diagnostics
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import ConfigError, EmptySupportError
+from bayesalign.errors import ConfigError, EmptySupportError, require_positive
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
+from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
-from bayesalign.training import TrainingConfig, require_positive
+from bayesalign.training import TrainingConfig
 
-from .base import require_same_vocabulary, seeded
+from .base import require_same_vocabulary
 
 
 @dataclass
 class PolicyEngineConfig(TrainingConfig):
     """What every policy engine adds to the training loop's settings."""
+
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*TrainingConfig.RESUMABLE_CHANGES, "policy")
 
     contexts: Any = None  # list or datasets.Dataset of contexts (conditional targets, CDPG)
     contexts_per_step: int = 4  # contexts drawn per step; the batch is split between them

@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from bayesalign.checkpoint_files import describe_differences
-from bayesalign.errors import ConfigError, InvalidTargetError
+from bayesalign.errors import ConfigError, InvalidTargetError, require_positive
 from bayesalign.evaluation import evaluate
 from bayesalign.models.adaptors import BanTokens
 from bayesalign.models.causal_lm import CausalLM
@@ -43,10 +42,11 @@ from bayesalign.models.corpus_prior import Corpus
 from bayesalign.models.pretraining.train import PRESETS
 from bayesalign.models.tiny import tiny_gpt2
 from bayesalign.posterior import Posterior
+from bayesalign.seeding import seeded
 from bayesalign.targets import NO_CONTEXT, Target
-from bayesalign.training import Trainer, TrainingConfig, require_positive
+from bayesalign.training import Trainer, TrainingConfig
+from bayesalign.training.checkpoints import describe_differences
 
-from .base import seeded
 from .phf_objectives import awr_loss, mle_loss, rwr_loss, token_log_probs, unlikelihood_loss
 from .pretraining_data import BAD_TOKEN, GOOD_TOKEN, PreparedData, prepare
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from bayesalign.errors import ConfigError
-from bayesalign.history import history_to_csv
 from bayesalign.targets import Target
+from bayesalign.training.history import history_to_csv
 
 from .pretraining import Pretraining
 

@@ -123,7 +123,7 @@ class CausalLM(SequenceDistribution):
         new.__dict__.update(changes)
         return new
 
-    def given(self, prompt: Prompt) -> CausalLM:
+    def conditioned(self, prompt: Prompt) -> CausalLM:
         """The conditional ``a(y | x = prompt)``; one string is shared by every row."""
         return self._replace(prompt=_check_prompt(prompt))
 

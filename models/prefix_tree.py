@@ -78,7 +78,7 @@ class PrefixTreeLM(SequenceDistribution):
     def module(self) -> PrefixLogits:
         return self.logits
 
-    def given(self, context: object) -> PrefixTreeLM:
+    def conditioned(self, context: object) -> PrefixTreeLM:
         """Unconditional: shared by every context of a conditional target."""
         return self
 

@@ -112,7 +112,7 @@ class TabularLM(SequenceDistribution):
                     tables.append(trans[last])
         return tables
 
-    def given(self, context: object) -> TabularLM:
+    def conditioned(self, context: object) -> TabularLM:
         """A `TabularLM` is unconditional: as a policy for a conditional target it is shared
         by every context (the amortised fit of CDPG's context average)."""
         return self

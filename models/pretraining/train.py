@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from bayesalign.checkpoint_files import describe_differences
 from bayesalign.errors import ConfigError
-from bayesalign.history import history_to_csv
 from bayesalign.training import Trainer, TrainingConfig
+from bayesalign.training.checkpoints import describe_differences
+from bayesalign.training.history import history_to_csv
 
 from ..causal_lm import CausalLM
 from ..tiny import tiny_gpt2

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import bayesalign.demo
-from bayesalign import plots
-from bayesalign.cli import main
-from bayesalign.demo import exact_qrs_curves, rejection_bound, run_demo, toy_a_target
+import bayesalign.app.demo
+from bayesalign.app import plots
+from bayesalign.app.cli import main
+from bayesalign.app.demo import exact_qrs_curves, rejection_bound, run_demo, toy_a_target
 from bayesalign.inference import QRS, Exact, QRSCurves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +43,7 @@ def test_info_prints_versions_device_and_engines(capsys: pytest.CaptureFixture) 
 
 def test_demo_command_passes_its_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = []
-    monkeypatch.setattr(bayesalign.demo, "run_demo", lambda out, quick: calls.append((out, quick)))
+    monkeypatch.setattr(bayesalign.app.demo, "run_demo", lambda out, quick: calls.append((out, quick)))
     assert main(["demo", "--output", str(tmp_path), "--quick"]) == 0
     assert calls == [(tmp_path, True)]
 

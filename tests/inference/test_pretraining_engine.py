@@ -270,7 +270,7 @@ TARGET_FILE = textwrap.dedent("""
 
 
 def test_cli_trains_a_target_declared_in_a_file(tmp_path, capsys):
-    from bayesalign.cli import main
+    from bayesalign.app.cli import main
     from bayesalign.models import CausalLM
 
     write_corpus(tmp_path / "corpus")

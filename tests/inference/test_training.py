@@ -17,7 +17,6 @@ import torch
 from conftest import toy_a_prior, toy_a_target
 
 import bayesalign as ba
-from bayesalign.checkpoint_files import verify
 from bayesalign.errors import (
     ConfigError,
     EmptySupportError,
@@ -27,6 +26,7 @@ from bayesalign.errors import (
 from bayesalign.inference import DPG, KLRL, TrainingError, history_to_arviz, history_to_csv
 from bayesalign.models import TabularLM
 from bayesalign.training import Trainer, TrainingConfig
+from bayesalign.training.checkpoints import verify
 
 SETTINGS = {"steps": 600, "batch_size": 32, "seed": 3, "progress": False}
 

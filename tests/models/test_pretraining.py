@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bayesalign.cli import main
+from bayesalign.app.cli import main
 from bayesalign.errors import ConfigError
 from bayesalign.models import CausalLM, scorers
 from bayesalign.models.pretraining import (

@@ -28,7 +28,7 @@ from two_processes import (
 from bayesalign.errors import ConfigError
 from bayesalign.models.pretraining import PretrainConfig, pretrain
 from bayesalign.training import Trainer, TrainingConfig
-from bayesalign.zero import ZeroPlan, engine_config, plan_from_launch
+from bayesalign.training.zero import ZeroPlan, engine_config, plan_from_launch
 
 __all__ = ["corpus", "one_process_run"]  # fixtures, used by name
 

@@ -25,7 +25,7 @@ from two_processes import (
     ranks_that_checkpointed,
 )
 
-from bayesalign.cli import main
+from bayesalign.app.cli import main
 from bayesalign.models.pretraining import PretrainConfig, pretrain
 
 __all__ = ["corpus"]  # a fixture, used by name

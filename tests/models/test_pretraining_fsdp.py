@@ -28,8 +28,8 @@ from two_processes import (
 
 from bayesalign.errors import ConfigError
 from bayesalign.models.tiny import stdlib_tokenizer, tiny_gpt2
-from bayesalign.sharding import ShardingPlan, plan_from_launch, shard
 from bayesalign.training import Trainer, TrainingConfig
+from bayesalign.training.fsdp import ShardingPlan, plan_from_launch, shard
 
 __all__ = ["corpus", "one_process_run"]  # fixtures, used by name
 

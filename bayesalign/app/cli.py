@@ -35,7 +35,7 @@ def _info(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import inference
+    from bayesalign import inference
 
     for name in VERSIONED:
         try:
@@ -51,8 +51,8 @@ def _info(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from .errors import ConfigError
-    from .models.pretraining import PretrainConfig, pretrain
+    from bayesalign.errors import ConfigError
+    from bayesalign.models.pretraining import PretrainConfig, pretrain
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -65,7 +65,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise ConfigError(f"--objective {args.objective} needs --target FILE.py:NAME: its "
                               "factor sites score the corpus's segments")
         if args.target is not None:
-            from .inference.pretraining_run import pretrain_target
+            from bayesalign.inference.pretraining_run import pretrain_target
 
             output = pretrain_target(options, typed)
             _print_once(f"Wrote the model, tokenizer, pretraining.json and training/ to {output}")

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO stages 0–2 for the `Trainer`, set up from accelerate's DeepSpeed config.
 
 accelerate drives DeepSpeed on GPUs only, so configs/accelerate/deepspeed.yaml is read through
-accelerate's own `DeepSpeedPlugin` (`bayesalign.launch`) and the engine is built with
+accelerate's own `DeepSpeedPlugin` (`bayesalign.training.launch`) and the engine is built with
 ``deepspeed.initialize`` here, on CPUs (DeepSpeed's CPU accelerator, gloo) and GPUs alike: the
 2-process CPU tests run the code a GPU run runs.
 
@@ -14,7 +14,10 @@ and is supported, so stage 3 is refused with a pointer to it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .errors import ConfigError
+from bayesalign.errors import ConfigError
+
 from .launch import launch_plugin
+from .strategy import DataParallel, require_written_by, trainable_parameters
 
 STATE_TAG = "state"  # DeepSpeed's checkpoint tag inside a bayesalign checkpoint's deepspeed/
 
@@ -35,6 +40,62 @@ class ZeroPlan:
     config: dict
     stage: int
     offload_optimizer: bool
+
+
+class Zero(DataParallel):
+    """ZeRO-1/2: DeepSpeed's engine partitions the optimizer state (and gradients), casts the
+    module to bf16/fp16 itself, and steps at the last micro-batch; each process checkpoints its
+    partition in ``deepspeed/``."""
+
+    launch = "deepspeed"
+
+    def __init__(self, accelerator: Accelerator, module: torch.nn.Module, engine: str,
+                 optimizer_name: str,
+                 learning_rate: float, max_grad_norm: float | None, plan: ZeroPlan,
+                 batch_size: int, accumulation: int, mixed_precision: str | None) -> None:
+        self.accelerator = accelerator
+        self.module = module
+        precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        params = trainable_parameters(module, engine)
+        self.engine = initialize(
+            module, optimizer_for(plan, optimizer_name, params, learning_rate),
+            engine_config(plan, batch_size, accumulation, max_grad_norm, precision,
+                          accelerator.num_processes))
+        self.optimizer = self.engine.optimizer  # partitioned; param_groups as torch's
+
+    @property
+    def name(self) -> str:
+        return f"deepspeed_zero{self.engine.zero_optimization_stage()}"
+
+    def begin_step(self) -> None:
+        """DeepSpeed's engine zeroes the gradients when it steps."""
+
+    @contextlib.contextmanager
+    def micro_batch(self, index: int, accumulation: int) -> Iterator[None]:
+        yield  # the module is cast already: no autocast
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        self.engine.backward(loss)  # divides by the accumulation steps
+        self.engine.step()  # steps at the last micro-batch only
+
+    def update(self) -> None:
+        """Done by `backward`'s engine step at the last micro-batch."""
+
+    def save(self, folder: Path) -> None:
+        save(self.engine, folder / "deepspeed")
+        weights = master_weights(self.engine)
+        if self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(folder / "policy.safetensors"))
+
+    def load(self, checkpoint: Path) -> None:
+        require_written_by(checkpoint, deepspeed=True)
+        load(self.engine, checkpoint / "deepspeed")
+
+    def trained_module(self) -> torch.nn.Module:
+        full_precision_weights(self.engine)
+        return self.module
 
 
 def plan_from_launch(accelerator: Accelerator) -> ZeroPlan | None:

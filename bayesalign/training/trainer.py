@@ -1,41 +1,40 @@
 """One training loop for every policy engine (DPG, CDPG, KL-RL): device, precision, accumulation,
 progress, per-step history, and checkpoints that resume exactly.
 
-Data parallel: the policy's parameters are used outside a module forward (a `TabularLM` has
-none), so they are not wrapped by DDP; gradients are averaged across processes here. For engines
-that pass ``supports_sharding``, an accelerate FSDP launch shards the module (`bayesalign.sharding`)
-and a DeepSpeed launch partitions the optimizer state (`bayesalign.zero`, ZeRO-1/2).
+What depends on the launch (data parallel, FSDP2, DeepSpeed ZeRO-1/2) is its `Strategy`
+(`bayesalign.training.strategy`): the loop below is the same for all of them.
 
-Checkpoints are written by this module (safetensors weights and optimizer state keyed by
-parameter name, RNG states, engine state, history) rather than ``accelerate.save_state``, so a
-data-parallel and an FSDP run write the same files; DeepSpeed adds its partitioned optimizer
-state in ``deepspeed/``. A checkpoint is written to a temporary folder, checksummed, then
+Checkpoints are written here (safetensors weights and optimizer state keyed by parameter name,
+RNG states, engine state, history) rather than by ``accelerate.save_state``, so a data-parallel
+and an FSDP run write the same files; DeepSpeed adds its partitioned optimizer state in
+``deepspeed/``. A checkpoint is written to a temporary folder, checksummed, then
 renamed, so a kill mid-write never leaves a half checkpoint; resume skips a corrupted one and
 says so.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import zero
-from .checkpoint_files import (
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError, TrainingError, require_positive
+from bayesalign.seeding import seeded
+
+from .checkpoints import (
     config_identity,
     describe_differences,
     rng_state,
@@ -43,32 +42,18 @@ from .checkpoint_files import (
     verify,
     write_manifest,
 )
-from .distribution import SequenceDistribution
-from .errors import BayesAlignError, ConfigError
-from .sharding import (
-    ShardingPlan,
-    full_state,
-    load_full_state,
-    local_parameter_fraction,
-    plan_from_launch,
-    recomputes_activations,
-    shard,
-    unsharded,
-)
-
-
-def require_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
-
-
-class TrainingError(BayesAlignError, RuntimeError):
-    """Training stopped (NaN loss, no usable weights); the last checkpoint is kept."""
+from .fsdp import local_parameter_fraction, recomputes_activations
+from .strategy import strategy_for
 
 
 @dataclass
 class TrainingConfig:
     """Hyperparameters every policy engine shares (one line each, TRL-style)."""
+
+    # Options a resumed run may change (how long, where, how often, display); the others must
+    # match the checkpoint's. Engines add theirs.
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
+        "steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "progress")
 
     steps: int = 1000  # optimizer steps
     batch_size: int = 64  # samples per micro-batch (per process)
@@ -108,10 +93,10 @@ class Trainer:
     maps names to engine objects with ``state_dict``/``load_state_dict`` (running Ẑ, the
     off-policy proposal, the adaptive kl_coef), checkpointed with the policy.
 
-    Engines whose steps only run the module's forward on data (pretraining) pass
-    ``supports_sharding``, and name in ``separately_called`` any submodule they call outside that
-    forward (a value head). After `run`, ``module`` is the trained module, unsharded, on every
-    process.
+    How the launch runs backward, the update and checkpoints is its `Strategy`'s. Engines whose
+    steps only run the module's forward on data (pretraining) pass ``supports_sharding``, and
+    name in ``separately_called`` any submodule they call outside that forward (a value head).
+    After `run`, ``module`` is the trained module, unsharded, on every process.
     """
 
     def __init__(
@@ -124,62 +109,29 @@ class Trainer:
         separately_called: Sequence[torch.nn.Module] = (),
     ) -> None:
         self.config = config
-        self.policy = policy
         self.engine = engine
         self.state = dict(state or {})
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=config.mixed_precision)
-        self.module = policy.module
-        self.module.to(self.accelerator.device)
-        zero_plan = zero.plan_from_launch(self.accelerator)
-        fsdp_plan = None if zero_plan else plan_from_launch(self.accelerator)
-        if zero_plan is not None or fsdp_plan is not None:
-            self._require_sharding_support(supports_sharding)
-        self.sharded_from = None if fsdp_plan is None else self._shard(fsdp_plan, separately_called)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError(f"{engine}: the policy has no trainable parameters")
+        module = policy.module
+        module.to(self.accelerator.device)
         name, learning_rate = policy.recommended_optimizer
-        name, learning_rate = config.optimizer or name, config.learning_rate or learning_rate
-        self.zero_engine = None
-        if zero_plan is None:
-            optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.SGD
-            self.optimizer = optimizer_class(params, lr=learning_rate)
-        else:
-            precision = (config.mixed_precision
-                         or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-            self.zero_engine = zero.initialize(
-                self.module, zero.optimizer_for(zero_plan, name, params, learning_rate),
-                zero.engine_config(zero_plan, config.batch_size, config.gradient_accumulation_steps,
-                                   config.max_grad_norm, precision,
-                                   self.accelerator.num_processes))
-            self.optimizer = self.zero_engine.optimizer  # partitioned; param_groups as torch's
+        self.strategy = strategy_for(
+            self.accelerator, module, engine, config.optimizer or name,
+            config.learning_rate or learning_rate, config.max_grad_norm, config.batch_size,
+            config.gradient_accumulation_steps, config.mixed_precision, supports_sharding,
+            separately_called)
         self.history: list[dict[str, float]] = []
         self.start_step = 0
         self.micro_step = 0
 
-    def _require_sharding_support(self, supports_sharding: bool) -> None:
-        if not supports_sharding:
-            raise ConfigError(
-                f"{self.engine}: FSDP and DeepSpeed launches serve pretraining only; this engine "
-                "samples from its policy within each step, each process to its own length, which "
-                "FSDP's lockstep weight gathers do not allow; launch with configs/accelerate/ddp.yaml"
-            )
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.strategy.module
 
-    def _shard(self, plan: ShardingPlan,
-               separately_called: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
-        """Shard the module as ``plan`` says; returns its meta skeleton (None if unsharded)."""
-        if self.accelerator.mixed_precision == "fp16":
-            raise ConfigError(f"{self.engine}: FSDP with fp16 needs a sharded grad scaler; use "
-                              "mixed_precision bf16 (or no)")
-        if plan.offloads and self.device.type == "cpu":
-            raise ConfigError(f"{self.engine}: fsdp_offload_params moves shards from a GPU to the "
-                              "CPU; this run is on the CPU already: set it to false")
-        if not torch.distributed.is_initialized():
-            warnings.warn(f"{self.engine}: an FSDP launch with one process shards nothing; "
-                          "training unsharded", stacklevel=3)
-            return None
-        return shard(self.module, plan, self.engine, separately_called)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.strategy.optimizer
 
     @property
     def device(self) -> torch.device:
@@ -188,11 +140,7 @@ class Trainer:
     @property
     def parallelism(self) -> dict[str, Any]:
         """How this run is spread over processes (for cards and run configs)."""
-        launch = ("fsdp" if self.sharded_from is not None
-                  else f"deepspeed_zero{self.zero_engine.zero_optimization_stage()}"
-                  if self.zero_engine is not None
-                  else "data_parallel" if self.accelerator.num_processes > 1 else "single_process")
-        return {"launch": launch, "processes": self.accelerator.num_processes,
+        return {"launch": self.strategy.name, "processes": self.accelerator.num_processes,
                 "parameter_fraction_per_process": local_parameter_fraction(self.module),
                 "activation_checkpointing": recomputes_activations(self.module)}
 
@@ -202,7 +150,8 @@ class Trainer:
 
     def run(self, step_fn: StepFn) -> list[dict[str, float]]:
         config = self.config
-        with _seeded_per_process(config.seed, self.accelerator.process_index):
+        # Each rank its own seed, so ranks draw different samples.
+        with seeded(config.seed + 1_000_003 * self.accelerator.process_index):
             self._resume()
             bar = tqdm(total=config.steps, initial=self.start_step, desc=self.engine,
                        disable=None if config.progress else True, leave=False)
@@ -210,15 +159,7 @@ class Trainer:
             for step in range(self.start_step, config.steps):
                 started = time.perf_counter()
                 row = self._optimizer_step(step, step_fn)
-                row["seconds"] = time.perf_counter() - started
-                row["samples_per_s"] = (config.batch_size * config.gradient_accumulation_steps
-                                        / max(row["seconds"], 1e-9))
-                if "tokens" in row:  # step_fn's tokens per micro-batch, on every process
-                    row["tokens_per_s"] = (row["tokens"] * config.gradient_accumulation_steps
-                                           * self.accelerator.num_processes
-                                           / max(row["seconds"], 1e-9))
-                elapsed = time.perf_counter() - run_started
-                row["eta_s"] = elapsed / (step + 1 - self.start_step) * (config.steps - step - 1)
+                self._add_rates(row, time.perf_counter() - started, run_started, step)
                 self.history.append(row)
                 bar.update(1)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "kl_target_policy",
@@ -230,38 +171,25 @@ class Trainer:
                 ):
                     self.save_checkpoint(done)
             bar.close()
-        if self.sharded_from is not None:
-            self.module = unsharded(self.module, self.sharded_from, self.device)
-            self.sharded_from = None
-        if self.zero_engine is not None:
-            zero.full_precision_weights(self.zero_engine)
+        self.strategy.trained_module()
         return self.history
 
     def _optimizer_step(self, step: int, step_fn: StepFn) -> dict[str, float]:
+        """Every micro-batch's forward and backward, then one update of the weights."""
         accumulation = self.config.gradient_accumulation_steps
         rows: list[dict[str, float]] = []
-        if self.zero_engine is None:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.begin_step()
         for self.micro_step in range(accumulation):
-            if self.sharded_from is not None:  # FSDP reduces gradients at the last micro-batch
-                self.module.set_requires_gradient_sync(self.micro_step == accumulation - 1)
-            # DeepSpeed casts the module to bf16/fp16 itself; autocast is for the other launches.
-            precision = self.accelerator.autocast() if self.zero_engine is None else contextlib.nullcontext()
-            with precision:
+            with self.strategy.micro_batch(self.micro_step, accumulation):
                 loss, metrics = step_fn(step)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{self.engine}: loss is {loss.item()} at step {step}; training stopped. "
                     f"{self._last_checkpoint_note()}"
                 )
-            if self.zero_engine is None:
-                self.accelerator.backward(loss / accumulation)
-            else:  # divides by the accumulation steps, and steps at the last micro-batch
-                self.zero_engine.backward(loss)
-                self.zero_engine.step()
+            self.strategy.backward(loss, accumulation)
             rows.append({"loss": float(loss.detach()), **metrics})
-        if self.zero_engine is None:
-            self._update()
+        self.strategy.update()
         row = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
         # The loss of the global batch, not of this process' share: the curve the history
         # records is then the same for any number of processes. Memory: the busiest process.
@@ -269,19 +197,17 @@ class Trainer:
         row["step"] = step
         return row
 
-    def _update(self) -> None:
-        """Average (data parallel), unscale (fp16), clip, then step the optimizer."""
-        self._average_gradients()
-        scaler = self.accelerator.scaler  # fp16 only: backward scaled the loss
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(self.optimizer)  # skips the step when a gradient overflowed
-            scaler.update()
-        else:
-            self.optimizer.step()
+    def _add_rates(self, row: dict[str, float], seconds: float, run_started: float,
+                   step: int) -> None:
+        config = self.config
+        row["seconds"] = seconds
+        row["samples_per_s"] = (config.batch_size * config.gradient_accumulation_steps
+                                / max(seconds, 1e-9))
+        if "tokens" in row:  # step_fn's tokens per micro-batch, on every process
+            row["tokens_per_s"] = (row["tokens"] * config.gradient_accumulation_steps
+                                   * self.accelerator.num_processes / max(seconds, 1e-9))
+        elapsed = time.perf_counter() - run_started
+        row["eta_s"] = elapsed / (step + 1 - self.start_step) * (config.steps - step - 1)
 
     def _across_processes(self, mean_of: float, max_of: float) -> tuple[float, float]:
         """(mean, max) over processes of two per-process values, in one collective."""
@@ -290,15 +216,6 @@ class Trainer:
         tensor = torch.tensor([[mean_of, max_of]], dtype=torch.float64, device=self.device)
         gathered = self.accelerator.gather(tensor)
         return float(gathered[:, 0].mean()), float(gathered[:, 1].max())
-
-    def _average_gradients(self) -> None:
-        """All-reduce every gradient in one flat buffer (one collective per step, not per tensor)."""
-        if self.accelerator.num_processes == 1 or self.sharded_from is not None:
-            return
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(averaged.view_as(grad))
 
     def _last_checkpoint_note(self) -> str:
         latest = self._checkpoints()[-1:] if self.config.checkpoint_dir else []
@@ -321,17 +238,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-        if self.zero_engine is None:
-            weights, optimizer_state = full_state(self.module, self.optimizer)  # on every process
-        else:  # each process writes its partition of the optimizer state
-            zero.save(self.zero_engine, tmp / "deepspeed")
-            weights, optimizer_state = zero.master_weights(self.zero_engine), None
+        self.strategy.save(tmp)
         if self.accelerator.is_main_process:
-            save_file(weights, str(tmp / "policy.safetensors"))
-            if optimizer_state is not None:
-                torch.save(optimizer_state, tmp / "optimizer.pt")
-            if self.accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
-                torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
             torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / "engine.pt")
             meta = {"step": step, "engine": self.engine, "config": config_identity(self.config),
                     "history": self.history}
@@ -367,10 +275,13 @@ class Trainer:
             )
         # Multi-process CPU runs get device "cpu:0", which safetensors and torch.load refuse.
         device = "cpu" if self.device.type == "cpu" else str(self.device)
-        self._load_weights_and_optimizer(checkpoint)
+        self.strategy.load(checkpoint)
         engine_state = torch.load(checkpoint / "engine.pt", map_location=device,
                                   weights_only=False)
         for name, obj in self.state.items():
+            if name not in engine_state:
+                raise ConfigError(f"{checkpoint} holds no engine state {name!r} (it was written "
+                                  "by an older version of this engine); use a new checkpoint_dir")
             obj.load_state_dict(engine_state[name])
         rank_file = checkpoint / f"rng-{self.accelerator.process_index}.pt"
         if rank_file.exists():
@@ -381,26 +292,6 @@ class Trainer:
         self.history = meta["history"]
         self.start_step = meta["step"]
 
-    def _load_weights_and_optimizer(self, checkpoint: Path) -> None:
-        by_deepspeed = (checkpoint / "deepspeed").is_dir()
-        if by_deepspeed != (self.zero_engine is not None):
-            raise ConfigError(
-                f"{checkpoint} was written {'with' if by_deepspeed else 'without'} DeepSpeed, "
-                f"whose optimizer state is partitioned in its own files; resume it with "
-                f"{'a DeepSpeed launch' if by_deepspeed else 'a launch without DeepSpeed'}"
-            )
-        if self.zero_engine is not None:
-            zero.load(self.zero_engine, checkpoint / "deepspeed")
-            return
-        sharded = self.sharded_from is not None
-        weights, optimizer_state = {}, {}
-        if self.accelerator.is_main_process or not sharded:  # FSDP broadcasts the main's copy
-            weights = load_file(str(checkpoint / "policy.safetensors"), device="cpu")
-            optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu")
-        load_full_state(self.module, self.optimizer, weights, optimizer_state, sharded)
-        if self.accelerator.scaler is not None and (checkpoint / "scaler.pt").exists():
-            self.accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt"))
-
 
 def _peak_memory_mb() -> float:
     """This process' peak memory so far: torch's allocations on a GPU, else the resident set."""
@@ -410,14 +301,3 @@ def _peak_memory_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes there, KiB on Linux
-
-
-@contextlib.contextmanager
-def _seeded_per_process(seed: int, rank: int) -> Iterator[None]:
-    """Seed torch differently on each rank, restoring the caller's RNG afterwards."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed + 1_000_003 * rank)
-        yield
-
-

@@ -12,16 +12,20 @@ from typing import Any
 
 import numpy as np
 import torch
-
-# Options that may change between a run and its resume (how long, where, how often, display).
-RESUMABLE_CHANGES = ("steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
-                     "progress", "policy", "proposal")
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 
 def config_identity(config: Any) -> dict:
     """The settings (of a dataclass config) a resumed run must share with the run that wrote
     the checkpoint."""
-    identity = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    resumable = getattr(config, "RESUMABLE_CHANGES", ())
+    identity = {k: v for k, v in asdict(config).items() if k not in resumable}
     return json.loads(json.dumps(identity, default=repr))
 
 
@@ -78,3 +82,41 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it, on CPU
+
+
+def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """`full_weights` and the optimizer state keyed by parameter name, on the main process' CPU;
+    empty elsewhere under FSDP. Every process must call it."""
+    return full_weights(module), get_optimizer_state_dict(module, optimizer, options=FULL_ON_MAIN)
+
+
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights (tied duplicates dropped) on the main process' CPU (collective under FSDP)."""
+    weights = get_model_state_dict(module, options=FULL_ON_MAIN)
+    kept = {name for name, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    return {k: v.contiguous() for k, v in weights.items() if k in kept}
+
+
+def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict,
+                    optimizer_state: dict, sharded: bool) -> None:
+    """Inverse of `full_state`. Sharded: the main process' dicts are broadcast (the others pass
+    empty ones); tied parameters dropped on saving are filled from the name that was kept."""
+    for alias, name in _tied_aliases(module).items():
+        if name in weights:
+            weights[alias] = weights[name]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    set_model_state_dict(module, weights, options=options)
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+
+
+def _tied_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """Second and later names of a shared parameter -> its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        aliases.update({name: first[id(param)]} if id(param) in first else {})
+        first.setdefault(id(param), name)
+    return aliases

@@ -1,7 +1,7 @@
 """Fully sharded data parallel (torch FSDP2) for the `Trainer`, set up from accelerate's FSDP config.
 
 accelerate applies FSDP on GPUs only. Reading configs/accelerate/fsdp.yaml through accelerate's own
-`FullyShardedDataParallelPlugin` (`bayesalign.launch`) and sharding with ``fully_shard`` here
+`FullyShardedDataParallelPlugin` (`bayesalign.training.launch`) and sharding with ``fully_shard`` here
 gives one code path for CPUs and GPUs, so the 2-process CPU tests exercise what a multi-GPU run
 executes.
 
@@ -14,27 +14,22 @@ so either launch resumes the other's checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from .errors import ConfigError
+from bayesalign.errors import ConfigError
+
 from .launch import launch_plugin
-
-FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it, on CPU
+from .strategy import DataParallel
 
 
 @dataclass(frozen=True)
@@ -52,6 +47,54 @@ class ShardingPlan:
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         return isinstance(self.offload_policy, CPUOffloadPolicy)
+
+
+class FullySharded(DataParallel):
+    """FSDP2: each process holds 1/N of every parameter, gradient and Adam moment; FSDP reduces
+    the gradients itself at the last micro-batch, and the main process' checkpoint is broadcast."""
+
+    launch = "fsdp"
+    shards = True
+
+    def __init__(self, accelerator: Accelerator, module: torch.nn.Module, engine: str,
+                 optimizer_name: str, learning_rate: float, max_grad_norm: float | None,
+                 plan: ShardingPlan, separately_called: Sequence[torch.nn.Module]) -> None:
+        if accelerator.mixed_precision == "fp16":
+            raise ConfigError(f"{engine}: FSDP with fp16 needs a sharded grad scaler; use "
+                              "mixed_precision bf16 (or no)")
+        if plan.offloads and accelerator.device.type == "cpu":
+            raise ConfigError(f"{engine}: fsdp_offload_params moves shards from a GPU to the "
+                              "CPU; this run is on the CPU already: set it to false")
+        self.skeleton = None
+        if torch.distributed.is_initialized():
+            self.skeleton = shard(module, plan, engine, separately_called)
+        else:
+            warnings.warn(f"{engine}: an FSDP launch with one process shards nothing; "
+                          "training unsharded", stacklevel=4)
+            self.shards = False
+        super().__init__(accelerator, module, engine, optimizer_name, learning_rate, max_grad_norm)
+
+    @property
+    def name(self) -> str:
+        return self.launch if self.shards else super().name
+
+    @contextlib.contextmanager
+    def micro_batch(self, index: int, accumulation: int) -> Iterator[None]:
+        if self.shards:  # FSDP reduces gradients at the last micro-batch only
+            self.module.set_requires_gradient_sync(index == accumulation - 1)
+        with super().micro_batch(index, accumulation):
+            yield
+
+    def _average_gradients(self) -> None:
+        if not self.shards:
+            super()._average_gradients()
+
+    def trained_module(self) -> torch.nn.Module:
+        """A plain module with the full trained weights on every process (collective)."""
+        if self.skeleton is not None:
+            self.module = unsharded(self.module, self.skeleton, self.accelerator.device)
+            self.skeleton = None
+        return self.module
 
 
 def plan_from_launch(accelerator: Accelerator) -> ShardingPlan | None:
@@ -120,31 +163,6 @@ def local_parameter_fraction(module: torch.nn.Module) -> float:
     return local / sum(p.numel() for p in params)
 
 
-def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """`full_weights` and the optimizer state keyed by parameter name, on the main process' CPU;
-    empty elsewhere under FSDP. Every process must call it."""
-    return full_weights(module), get_optimizer_state_dict(module, optimizer, options=FULL_ON_MAIN)
-
-
-def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights (tied duplicates dropped) on the main process' CPU (collective under FSDP)."""
-    weights = get_model_state_dict(module, options=FULL_ON_MAIN)
-    kept = {name for name, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
-    return {k: v.contiguous() for k, v in weights.items() if k in kept}
-
-
-def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict,
-                    optimizer_state: dict, sharded: bool) -> None:
-    """Inverse of `full_state`. Sharded: the main process' dicts are broadcast (the others pass
-    empty ones); tied parameters dropped on saving are filled from the name that was kept."""
-    for alias, name in _tied_aliases(module).items():
-        if name in weights:
-            weights[alias] = weights[name]
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
-    set_model_state_dict(module, weights, options=options)
-    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
-
-
 def unsharded(module: torch.nn.Module, skeleton: torch.nn.Module,
               device: torch.device) -> torch.nn.Module:
     """A plain module holding ``module``'s full weights on every process (for sampling, saving
@@ -174,16 +192,6 @@ def _checkpointing_call(module: torch.nn.Module, action: str, kwargs: dict | Non
     else:
         getattr(module, f"gradient_checkpointing_{action}")(
             **({} if kwargs is None else {"gradient_checkpointing_kwargs": kwargs}))
-
-
-def _tied_aliases(module: torch.nn.Module) -> dict[str, str]:
-    """Second and later names of a shared parameter -> its first name."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        aliases.update({name: first[id(param)]} if id(param) in first else {})
-        first.setdefault(id(param), name)
-    return aliases
 
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -22,7 +22,7 @@ import torch
 
 import bayesalign as ba
 from bayesalign import diagnostics as dx
-from bayesalign import plots
+from bayesalign.app import plots
 from bayesalign.inference import (
     DPG,
     KLRL,

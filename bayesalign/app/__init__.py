@@ -1,0 +1,1 @@
+"""The front door: the ``bayesalign`` command (`cli`), the demo and the plots."""
