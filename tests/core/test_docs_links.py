@@ -1,10 +1,12 @@
-"""Every relative link and image in README.md and docs/*.md points at a file of the repository
-(and a #fragment at a heading of the page it names), and the README, the front door, links to
-every page of docs/."""
+"""The documentation stays true: every relative link and image in README.md and docs/*.md
+points at a file of the repository (and a #fragment at a heading of the page it names), the
+README, the front door, links to every page of docs/, and its example runs as it says."""
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,20 @@ def test_readme_links_every_docs_page() -> None:
     unlinked = [p.name for p in PAGES[1:] if p.resolve() not in linked]
     assert len(PAGES) > 1, "docs/ has no Markdown pages"
     assert not unlinked, f"README.md does not link to docs pages: {unlinked}"
+
+
+def test_readme_example_runs_as_commented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## One example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        exec(compile(code, "README.md", "exec"), namespace)
+    renamed = [str(w.message) for w in caught if "is deprecated and will be removed" in str(w.message)]
+    assert not renamed, f"the README example uses renamed options: {renamed}"
+    assert namespace["exact"].diagnostics.log_z == pytest.approx(math.log(2.9543), abs=1e-4)
+    assert namespace["dpg"].diagnostics.exact
+    assert namespace["dpg"].diagnostics.kl_target_policy < 5e-3  # the comment says ≈ 2.6e-3
+    assert (tmp_path / "out" / "dpg").is_dir()
