@@ -36,6 +36,13 @@ def test_quick_run_evaluates_held_out_prompts_with_policies_trained_on_train_pro
             return original(target, proposal, n, context)
 
         monkeypatch.setattr(module, "score_batch", spy)
+    finished = []
+
+    def write_results(output, experiment, done, results, original=code_prompts.write_results):
+        finished.append(done)
+        return original(output, experiment, done, results)
+
+    monkeypatch.setattr(code_prompts, "write_results", write_results)
     report = code_prompts.run(tmp_path, quick=True)
     assert (tmp_path / "code_prompts.md").read_text().strip() == report
     assert (tmp_path / "code_prompts.png").stat().st_size > 5000
@@ -45,6 +52,8 @@ def test_quick_run_evaluates_held_out_prompts_with_policies_trained_on_train_pro
     assert results["experiment"] == "code_prompts" and results["finished"]
     assert report == code_prompts.render(results)  # the tables are the JSON's rendering
     assert results["train_prompts"] == train
+    # Written after every held-out prompt; only the last write says the run finished.
+    assert finished == [False] * (len(held_out) - 1) + [True]
     rows = results["rows"]
     assert [r["prompt"] for r in rows[::len(METHODS)]] == held_out
     assert [r["method"] for r in rows] == list(METHODS) * len(held_out)
