@@ -16,7 +16,7 @@ def experiment_main(
     """Parse the shared options, run the experiment, print its Markdown report."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--output", type=Path, default=Path(default_output),
-                        help="folder for the Markdown table and the PNG")
+                        help="folder for results.json, the Markdown table rendered from it and the PNG")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, as run by the tests")
     parser.add_argument("--threads", type=int, default=1,

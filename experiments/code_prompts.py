@@ -29,10 +29,11 @@ GPT-2 on plain-text prompts (4 train, 2 held-out) so the tests exercise every co
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyro
@@ -46,6 +47,7 @@ from bayesalign.models.tiny import tiny_causal_lm
 from bayesalign.sequences import Sequences
 
 from .cli import experiment_main
+from .results import write_results, write_text_atomic
 
 PROMPTS = Path(__file__).parent / "data" / "code_prompts.json"
 FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
@@ -186,11 +188,14 @@ def run(output: Path, quick: bool) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         policies = fine_tune(target, prior, train, sizes)
-        for prompt in held_out:
+        for index, prompt in enumerate(held_out):
             rows += evaluate_prompt(target, prior, policies, prompt, sizes)
             # Written after every prompt, so a stopped full run keeps what it measured.
-            report = _report(rows, sizes, quick)
-            (output / "code_prompts.md").write_text(report + "\n")
+            results = write_results(output, "code_prompts", index == len(held_out) - 1, {
+                "quick": quick, "sizes": asdict(sizes), "train_prompts": train,
+                "summary": summary(rows), "rows": rows})
+            report = render(results)
+            write_text_atomic(output / "code_prompts.md", report + "\n")
             _write_csv(rows, output / "code_prompts.csv")
     _plot(rows, output / "code_prompts.png")
     return report
@@ -220,18 +225,20 @@ def _cell(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _report(rows: list[dict], sizes: Sizes, quick: bool) -> str:
+def render(results: dict) -> str:
+    """The Markdown tables of a results.json's contents."""
+    rows, sizes = results["rows"], results["sizes"]
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     z_hats = [next(r["z_hat"] for r in rows if r["prompt"] == p) for p in prompts]
-    model = "tiny random GPT-2, quick" if quick else "SmolLM2-135M-Instruct"
-    lines = [f"## Code prompts ({model}; {len(prompts)} held-out prompts, {sizes.new_tokens} new "
-             f"tokens, kl_coef {sizes.kl_coef:g}, {sizes.samples} prior draws and "
-             f"{sizes.outputs} outputs per prompt)", "",
+    model = "tiny random GPT-2, quick" if results["quick"] else "SmolLM2-135M-Instruct"
+    lines = [f"## Code prompts ({model}; {len(prompts)} held-out prompts, {sizes['new_tokens']} "
+             f"new tokens, kl_coef {sizes['kl_coef']:g}, {sizes['samples']} prior draws and "
+             f"{sizes['outputs']} outputs per prompt)", "",
              f"Mean Ẑ_x {_mean(z_hats):.3f}; Ẑ_x = 0 on {sum(z == 0 for z in z_hats)} of "
              f"{len(prompts)} prompts.", "",
              "| method | prompts with samples | parse rate | PEP8 violations / char | KL(π‖a) |",
              "|---|---|---|---|---|"]
-    for s in summary(rows):
+    for s in results["summary"]:
         lines.append(f"| {s['method']} | {s['prompts']} | {_cell(s['parse_rate'], 3)} | "
                      f"{_cell(s['violations_per_char'], 4)} | {_cell(s['kl_policy_prior'], 3)} |")
     lines += ["", "Per held-out prompt: parse rate / violations per char (— : no samples).", "",
@@ -253,10 +260,11 @@ def _function_name(prompt: str) -> str:
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -24,7 +24,7 @@ quick mode a tiny random GPT-2 so the tests exercise every code path in seconds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from bayesalign.sequences import Sequences
 
 from .cli import experiment_main
 from .pep8_frontier import load_prior
+from .results import write_results, write_text_atomic
 
 PROPERTIES = ("pep8", "parses")
 METHODS = ("raw", "lsc")
@@ -142,6 +143,7 @@ def run(output: Path, quick: bool) -> str:
     sizes = Sizes.for_mode(quick)
     prior = load_prior(quick, sizes.new_tokens)
     start = time.perf_counter()
+    runs = sum(len(sizes.kl_coefs[m]) for m in METHODS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         prior_rewards = property_rewards(prior.sample_batch(sizes.reference_samples))
@@ -152,34 +154,46 @@ def run(output: Path, quick: bool) -> str:
             for kl_coef in sizes.kl_coefs[method]:
                 rows.append(train(prior, method, calibration, kl_coef, sizes))
                 # Written after every run, so a long full run that is stopped keeps its rows.
-                report = _report(rows, calibration, sizes, quick, time.perf_counter() - start)
-                (output / "lsc.md").write_text(report + "\n")
+                results = write_results(output, "lsc", len(rows) == runs + 1, _results(
+                    rows, calibration, sizes, quick, time.perf_counter() - start))
+                report = render(results)
+                write_text_atomic(output / "lsc.md", report + "\n")
     _plot(rows, output / "lsc.png")
     return report
 
 
-def _report(rows: list[dict], calibration: Calibration, sizes: Sizes, quick: bool,
-            seconds: float) -> str:
-    prior = "tiny random GPT-2, quick" if quick else "bundled:code-small"
-    lines = [f"## LSC vs raw sum ({prior}, {sizes.new_tokens} new tokens, KLRL-RLOO "
-             f"{sizes.steps} steps × {sizes.batch}, {sizes.eval_samples} eval samples, "
-             f"{seconds:.0f} s)", "",
-             f"r_ref (prior {REFERENCE_QUANTILE:g} quantile): PEP8 "
-             f"{float(calibration.reference[0]):.4f}, parses {float(calibration.reference[1]):g};"
-             f" unit (prior std): PEP8 {float(calibration.scale[0]):.4f}, parses "
-             f"{float(calibration.scale[1]):.3f}", "",
+def _results(rows: list[dict], calibration: Calibration, sizes: Sizes, quick: bool,
+             seconds: float) -> dict:
+    both = all(any(r["method"] == m for r in rows) for m in METHODS)
+    return {"quick": quick, "sizes": asdict(sizes), "seconds": seconds,
+            "reference_quantile": REFERENCE_QUANTILE,
+            "calibration": {"properties": PROPERTIES, "reference": calibration.reference,
+                            "scale": calibration.scale},
+            "rows": rows, "matched": matched(rows) if both else []}
+
+
+def render(results: dict) -> str:
+    """The Markdown tables of a results.json's contents."""
+    sizes, calibration = results["sizes"], results["calibration"]
+    prior = "tiny random GPT-2, quick" if results["quick"] else "bundled:code-small"
+    lines = [f"## LSC vs raw sum ({prior}, {sizes['new_tokens']} new tokens, KLRL-RLOO "
+             f"{sizes['steps']} steps × {sizes['batch']}, {sizes['eval_samples']} eval samples, "
+             f"{results['seconds']:.0f} s)", "",
+             f"r_ref (prior {results['reference_quantile']:g} quantile): PEP8 "
+             f"{calibration['reference'][0]:.4f}, parses {calibration['reference'][1]:g};"
+             f" unit (prior std): PEP8 {calibration['scale'][0]:.4f}, parses "
+             f"{calibration['scale'][1]:.3f}", "",
              "| method | kl_coef | KL(π‖a) nats | sat PEP8 | sat parses | worst | "
              "mean PEP8 reward | parse rate | s |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in results["rows"]:
         lines.append(f"| {r['method']} | {r['kl_coef']:g} | {r['kl']:.3f} | {r['sat_pep8']:.3f}"
                      f" | {r['sat_parses']:.3f} | {r['worst']:.3f} | {r['mean_pep8']:.4f} | "
                      f"{r['mean_parses']:.3f} | {r['seconds']:.0f} |")
-    points = matched(rows) if all(any(r["method"] == m for r in rows) for m in METHODS) else []
-    if points:
+    if results["matched"]:
         lines += ["", "Matched KL (each curve interpolated linearly from the prior at KL 0):", "",
                   "| KL(π‖a) | raw: worst | LSC: worst | LSC − raw | raw: PEP8 / parses | "
                   "LSC: PEP8 / parses |", "|---|---|---|---|---|---|"]
-        for p in points:
+        for p in results["matched"]:
             lines.append(f"| {p['kl']:.3f} | {p['raw_worst']:.3f} | {p['lsc_worst']:.3f} | "
                          f"{p['lsc_worst'] - p['raw_worst']:+.3f} | {p['raw_sat_pep8']:.3f} / "
                          f"{p['raw_sat_parses']:.3f} | {p['lsc_sat_pep8']:.3f} / "

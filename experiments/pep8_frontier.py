@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyro
@@ -31,6 +31,7 @@ from bayesalign.models.adaptors import BanTokens
 from bayesalign.models.tiny import tiny_causal_lm
 
 from .cli import experiment_main
+from .results import write_results, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -148,16 +149,20 @@ def run(output: Path, quick: bool) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         rows += run_reward_only(prior, sizes)
-        for kl_coef in sizes.kl_coefs:
+        for index, kl_coef in enumerate(sizes.kl_coefs):
             rows += run_engines(prior, kl_coef, sizes)
             # Written after every kl_coef, so a long full run that is stopped keeps its rows.
-            report = _report(rows, sizes, quick)
-            (output / "pep8_frontier.md").write_text(report + "\n")
+            results = write_results(output, "pep8_frontier", index == len(sizes.kl_coefs) - 1,
+                                    {"quick": quick, "sizes": asdict(sizes), "rows": rows})
+            report = render(results)
+            write_text_atomic(output / "pep8_frontier.md", report + "\n")
     _plot(rows, output / "pep8_frontier.png")
     return report
 
 
-def _report(rows: list[dict], sizes: Sizes, quick: bool) -> str:
+def render(results: dict) -> str:
+    """The Markdown table of a results.json's contents."""
+    rows, sizes = results["rows"], results["sizes"]
     baseline = next(r["violations_per_char"] for r in rows if r["engine"] == "prior")
     lines = ["| kl_coef | engine | PEP8 violations / char | × fewer than prior | KL(π‖a) nats | "
              "characters |", "|---|---|---|---|---|---|"]
@@ -166,9 +171,10 @@ def _report(rows: list[dict], sizes: Sizes, quick: bool) -> str:
         kl_coef = "—" if r["kl_coef"] is None else f"{r['kl_coef']:g}"
         lines.append(f"| {kl_coef} | {r['engine']} | {r['violations_per_char']:.4f} | "
                      f"{ratio:.2f} | {r['kl_policy_prior']:.3f} | {r['characters']:.0f} |")
-    title = ("## PEP8 frontier (" + ("tiny random GPT-2, quick" if quick else "bundled:code-small")
-             + f", EOS banned: {sizes.new_tokens} tokens per sample, {sizes.samples} samples "
-             "per engine)")
+    title = ("## PEP8 frontier (" + ("tiny random GPT-2, quick" if results["quick"]
+                                     else "bundled:code-small")
+             + f", EOS banned: {sizes['new_tokens']} tokens per sample, {sizes['samples']} "
+             "samples per engine)")
     return "\n".join([title, "", *lines])
 
 

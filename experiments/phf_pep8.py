@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from bayesalign.posterior import Posterior
 from bayesalign.seeding import seeded
 
 from .cli import experiment_main
+from .results import write_results, write_text_atomic
 
 SEED = 0
 PRESET = "tiny"
@@ -306,16 +307,23 @@ def run(output: Path, quick: bool) -> str:
                                 heldout_log_probs(post, chunks, phf_decoding=True),
                                 mle_log_probs, sizes, seconds))
         # Written after every objective, so a stopped full run keeps its rows.
-        report = _report(rows, sizes, len(chunks), int(mle_log_probs.numel()))
-        (output / "phf_pep8.md").write_text(report + "\n")
-        (output / "samples.json").write_text(json.dumps(samples, indent=1))
+        results = write_results(output, "phf_pep8", objective == OBJECTIVES[-1], {
+            "quick": quick, "sizes": asdict(sizes) | {"tokens": sizes.tokens},
+            "preset": PRESET, "temperature": TEMPERATURE, "top_p": TOP_P,
+            "heldout_chunks": len(chunks), "heldout_tokens": int(mle_log_probs.numel()),
+            "rows": rows})
+        report = render(results)
+        write_text_atomic(output / "phf_pep8.md", report + "\n")
+        write_text_atomic(output / "samples.json", json.dumps(samples, indent=1))
     _plot(rows, output / "phf_pep8.png")
     return report
 
 
-def _report(rows: list[dict], sizes: Sizes, chunks: int, heldout_tokens: int) -> str:
+def render(results: dict) -> str:
+    """The Markdown table of a results.json's contents."""
+    rows, sizes = results["rows"], results["sizes"]
     mle = rows[0]["misalignment"]
-    k = sizes.max_at_k
+    k = sizes["max_at_k"]
     code_mle = rows[0]["code_misalignment"]
     lines = [f"| objective | threshold R ≥ | good fraction | PEP8 violations / char ± se | "
              f"× fewer than MLE | score_max@{k} | held-out loss | KL from MLE | train s | "
@@ -330,11 +338,13 @@ def _report(rows: list[dict], sizes: Sizes, chunks: int, heldout_tokens: int) ->
                      f"{r['heldout_loss']:.4f} | {r['kl_from_mle']:+.4f} | {r['seconds']:.0f} | "
                      f"{r['code_misalignment']:.4f} ± {r['code_misalignment_se']:.4f} | "
                      f"{code_mle / r['code_misalignment']:.2f} | {r['comment_fraction']:.2f} |")
-    corpus = "a 40 kB stdlib slice, quick" if sizes.quick else "Python standard library"
-    title = (f"## PHF objectives on PEP8 ({corpus}; GPT-2 '{PRESET}', {sizes.steps} steps × "
-             f"{sizes.batch_size} blocks × {sizes.block_size} tokens = {sizes.tokens:,} tokens "
-             f"each; {sizes.samples} samples at T {TEMPERATURE}, top-p {TOP_P}; held-out loss "
-             f"and KL in nats/token over {heldout_tokens:,} tokens of {chunks} held-out chunks)")
+    corpus = "a 40 kB stdlib slice, quick" if sizes["quick"] else "Python standard library"
+    title = (f"## PHF objectives on PEP8 ({corpus}; GPT-2 '{results['preset']}', "
+             f"{sizes['steps']} steps × {sizes['batch_size']} blocks × {sizes['block_size']} "
+             f"tokens = {sizes['tokens']:,} tokens each; {sizes['samples']} samples at T "
+             f"{results['temperature']}, top-p {results['top_p']}; held-out loss and KL in "
+             f"nats/token over {results['heldout_tokens']:,} tokens of "
+             f"{results['heldout_chunks']} held-out chunks)")
     return "\n".join([title, "", *lines])
 
 

@@ -22,7 +22,7 @@ import statistics
 import textwrap
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from bayesalign.models.preference import (
 from bayesalign.models.tiny import stdlib_texts, stdlib_tokenizer, tiny_gpt2
 
 from .cli import experiment_main
+from .results import write_results, write_text_atomic
 
 OBJECTIVES = ("ranked", "binary", "imitation")
 # Rows of the table: imitation is one trained model compared by two normalisations.
@@ -162,31 +163,51 @@ def run(output: Path, quick: bool, score_fn: Callable | None = None) -> str:
     columns = (0, *settings.sizes)
     summary = {key: [r[key] for r in per_seed] for key in per_seed[0]}
     seconds = time.perf_counter() - started
+    results = write_results(output, "preference_models", True, {
+        "quick": quick, "settings": asdict(settings), "seconds": seconds,
+        "test_pairs": len(data.test), "pmp_label_noise": PMP_LABEL_NOISE,
+        "shorter_wins": data.shorter_wins,
+        "accuracy": [{"objective": row, "pmp": with_pmp, "comparisons": n,
+                      "per_seed": summary[row, with_pmp, n]}
+                     for row in ROWS for with_pmp in (False, True) for n in columns]})
+    report = render(results)
+    write_text_atomic(output / "preference_models.md", report + "\n")
+    _plot(summary, settings, output / "preference_models.png")
+    return report
+
+
+def render(results: dict) -> str:
+    """The Markdown table of a results.json's contents."""
+    settings = results["settings"]
+    accuracy = {(a["objective"], a["pmp"], a["comparisons"]): a["per_seed"]
+                for a in results["accuracy"]}
+    rows = list(dict.fromkeys(a["objective"] for a in results["accuracy"]))
+    columns = list(dict.fromkeys(a["comparisons"] for a in results["accuracy"]))
+    seeds = len(settings["seeds"])
     lines = [
-        f"## Preference models: held-out pairwise accuracy ({len(data.test)} stdlib snippet pairs)",
+        f"## Preference models: held-out pairwise accuracy ({results['test_pairs']} stdlib "
+        "snippet pairs)",
         "",
         "Preference: fewer PEP8 violations per character (pycodestyle). Backbone: a *tiny, randomly "
         "initialised* GPT-2 (2 layers × 64 dims, 512-token BPE); a real PM starts from a pretrained "
         "LM, so absolute accuracies here say little; the comparison of objectives is the point. "
-        f"PMP: {settings.pretrain_steps} steps on {settings.pretrain_pairs} single-line comparisons "
-        f"from other files with {PMP_LABEL_NOISE:.0%} of labels flipped. Fine-tuning: "
-        f"{settings.finetune_steps} steps of {settings.batch_size} pairs whatever the set size; "
-        "column 0 is before fine-tuning. "
-        + (f"Mean ± sd over {len(settings.seeds)} seeds. " if len(settings.seeds) > 1 else "One seed. ")
-        + f"Baseline \"the shorter snippet wins\": {data.shorter_wins:.3f}.",
+        f"PMP: {settings['pretrain_steps']} steps on {settings['pretrain_pairs']} single-line "
+        f"comparisons from other files with {results['pmp_label_noise']:.0%} of labels flipped. "
+        f"Fine-tuning: {settings['finetune_steps']} steps of {settings['batch_size']} pairs "
+        "whatever the set size; column 0 is before fine-tuning. "
+        + (f"Mean ± sd over {seeds} seeds. " if seeds > 1 else "One seed. ")
+        + f"Baseline \"the shorter snippet wins\": {results['shorter_wins']:.3f}.",
         "",
         "| objective | PMP | " + " | ".join(str(n) for n in columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    for row in ROWS:
+    for row in rows:
         for with_pmp in (False, True):
-            cells = [_cell(summary[row, with_pmp, n]) for n in columns]
+            cells = [_cell(accuracy[row, with_pmp, n]) for n in columns]
             lines.append(f"| {row} | {'yes' if with_pmp else 'no'} | " + " | ".join(cells) + " |")
-    lines += ["", f"Runtime: {seconds:.0f} s ({'quick' if quick else 'full'} mode, CPU, one thread)."]
-    report = "\n".join(lines)
-    (output / "preference_models.md").write_text(report + "\n")
-    _plot(summary, settings, output / "preference_models.png")
-    return report
+    lines += ["", f"Runtime: {results['seconds']:.0f} s ({'quick' if results['quick'] else 'full'}"
+              " mode, CPU, one thread)."]
+    return "\n".join(lines)
 
 
 def _cell(values: list[float]) -> str:

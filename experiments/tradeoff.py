@@ -16,7 +16,7 @@ uses a tiny random GPT-2 for part 3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from bayesalign.models import CausalLM, PrefixTreeLM, scorers
 
 from .cli import experiment_main
 from .pep8_frontier import POLICY_LEARNING_RATE, load_prior, pep8_target
+from .results import write_results, write_text_atomic
 
 KL_COEFS = (0.5, 1.0, 2.0)
 ADAPTORS = {
@@ -172,38 +173,55 @@ def run(output: Path, quick: bool) -> str:
     fits = [typical_corpora(b, corpus_size=100, corpora=corpora, epsilon=0.01, seed=0)
             for b in KL_COEFS]
     points = adaptor_points(1.0)
-    lines = [
-        "## Typical corpora of q = a·e^{r/β}/Z (Toy A, N = 100 strings per corpus, ε = 0.01)",
-        "",
-        "| β | corpora | typical | slope dR̄/dĀ | −β | Pearson | max |Ā + R̄/β − (log Z − H)| |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {f.kl_coef:g} | {f.corpora} | {f.typical} | {f.slope:.4f} | {-f.kl_coef:g} | "
-              f"{f.pearson:.4f} | {f.identity_gap:.4f} |" for f in fits]
-    lines += ["", "## Sampling adaptors on the aligned model (β = 1), exact expectations", "",
-              "| adaptor | Ā = E[log a] | R̄ = E[r] |", "|---|---|---|"]
-    lines += [f"| {p['adaptor']} | {p['prior_log_likelihood']:.4f} | {p['reward']:.4f} |"
-              for p in points]
     sizes = CodeSizes.for_mode(quick)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         code_points = code_adaptor_points(*aligned_code_model(sizes, quick), sizes)
     slope, pearson = corpus_trend(code_points)
     model = "tiny random GPT-2, quick" if quick else "bundled:code-small"
-    lines += ["", f"## Sampling adaptors on the code prior aligned to PEP8 ({model}; RLOO, "
-              f"β = {sizes.kl_coef:g}, {sizes.policy_steps} steps; {sizes.samples} samples of "
-              f"{sizes.new_tokens} tokens per adaptor)", "",
-              "| adaptor | Ā = mean log a(y) | R̄ = mean PEP8 reward |", "|---|---|---|"]
-    lines += [f"| {p['adaptor']} | {p['prior_log_likelihood']:.3f} | {p['reward']:.5f} |"
-              for p in code_points]
-    lines += ["", f"Corpus-level trend ({sizes.corpus_size} samples per corpus, all adaptors "
-              f"pooled): slope dR̄/dĀ = {slope:.2e} (−β = {-sizes.kl_coef:g}), Pearson "
-              f"{pearson:.3f}."]
-    report = "\n".join(lines)
-    (output / "tradeoff.md").write_text(report + "\n")
+    results = write_results(output, "tradeoff", True, {
+        "quick": quick,
+        "typical": {"corpus_size": 100, "epsilon": 0.01, "fits": [asdict(f) for f in fits]},
+        "adaptors": {"kl_coef": 1.0, "points": points},
+        "code": {"model": model, "sizes": asdict(sizes), "points": code_points,
+                 "trend": {"slope": slope, "pearson": pearson}},
+    })
+    report = render(results)
+    write_text_atomic(output / "tradeoff.md", report + "\n")
     _plot(points, output / "tradeoff.png", "adaptors trade likelihood for reward (Toy A, β = 1)")
     _plot(code_points, output / "tradeoff_code.png", f"adaptors on the aligned code model ({model})")
     return report
+
+
+def render(results: dict) -> str:
+    """The Markdown tables of a results.json's contents."""
+    typical, adaptors, code = results["typical"], results["adaptors"], results["code"]
+    sizes = code["sizes"]
+    lines = [
+        f"## Typical corpora of q = a·e^{{r/β}}/Z (Toy A, N = {typical['corpus_size']} strings "
+        f"per corpus, ε = {typical['epsilon']:g})",
+        "",
+        "| β | corpora | typical | slope dR̄/dĀ | −β | Pearson | max |Ā + R̄/β − (log Z − H)| |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {f['kl_coef']:g} | {f['corpora']} | {f['typical']} | {f['slope']:.4f} | "
+              f"{-f['kl_coef']:g} | {f['pearson']:.4f} | {f['identity_gap']:.4f} |"
+              for f in typical["fits"]]
+    lines += ["", f"## Sampling adaptors on the aligned model (β = {adaptors['kl_coef']:g}), "
+              "exact expectations", "",
+              "| adaptor | Ā = E[log a] | R̄ = E[r] |", "|---|---|---|"]
+    lines += [f"| {p['adaptor']} | {p['prior_log_likelihood']:.4f} | {p['reward']:.4f} |"
+              for p in adaptors["points"]]
+    lines += ["", f"## Sampling adaptors on the code prior aligned to PEP8 ({code['model']}; "
+              f"RLOO, β = {sizes['kl_coef']:g}, {sizes['policy_steps']} steps; "
+              f"{sizes['samples']} samples of {sizes['new_tokens']} tokens per adaptor)", "",
+              "| adaptor | Ā = mean log a(y) | R̄ = mean PEP8 reward |", "|---|---|---|"]
+    lines += [f"| {p['adaptor']} | {p['prior_log_likelihood']:.3f} | {p['reward']:.5f} |"
+              for p in code["points"]]
+    lines += ["", f"Corpus-level trend ({sizes['corpus_size']} samples per corpus, all adaptors "
+              f"pooled): slope dR̄/dĀ = {code['trend']['slope']:.2e} (−β = "
+              f"{-sizes['kl_coef']:g}), Pearson {code['trend']['pearson']:.3f}."]
+    return "\n".join(lines)
 
 
 def _plot(points: list[dict], path: Path, title: str) -> None:

@@ -48,8 +48,24 @@ def brute_force_toy_a(kl_coef: float) -> dict[str, float]:
         "reward": sum(p[x] * r[x] for x in a),
         "kl_p_a": sum(p[x] * math.log(p[x] / a[x]) for x in a),
         "kl_a_p": sum(a[x] * math.log(a[x] / p[x]) for x in a),
+        "entropy_p": -sum(p[x] * math.log(p[x]) for x in a),
         "p": p,
         "a": a,
+    }
+
+
+def brute_force_qrs_toy_a(qrs_beta: float, kl_coef: float = 1.0) -> dict[str, float]:
+    """QRS with P = a·e^{r/β}, q = a on Toy A by a plain loop (SPEC §4.2, §10): p_β ∝ min(P,
+    β_q·q); acceptance E_q[min(1, P/(β_q·q))] = Σ min(P, β_q·q)/β_q; TVD(p, p_β); KL(p‖p_β)."""
+    world = brute_force_toy_a(kl_coef)
+    a, p, z = world["a"], world["p"], world["z"]
+    clipped = {x: min(p[x] * z, qrs_beta * a[x]) for x in a}
+    z_beta = sum(clipped.values())
+    p_beta = {x: clipped[x] / z_beta for x in a}
+    return {
+        "acceptance_rate": z_beta / qrs_beta,
+        "tvd": 0.5 * sum(abs(p[x] - p_beta[x]) for x in a),
+        "kl": sum(p[x] * math.log(p[x] / p_beta[x]) for x in a),
     }
 
 

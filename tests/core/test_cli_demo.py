@@ -5,18 +5,33 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import brute_force_qrs_toy_a, brute_force_toy_a
 
 import bayesalign.app.demo
 from bayesalign.app import plots
 from bayesalign.app.cli import main
-from bayesalign.app.demo import exact_qrs_curves, rejection_bound, run_demo, toy_a_target
-from bayesalign.inference import QRS, Exact, QRSCurves
+from bayesalign.app.demo import (
+    QRS_BETAS,
+    DemoSizes,
+    exact_qrs_curves,
+    pep8_code_target,
+    rejection_bound,
+    run_demo,
+    run_toy_a,
+    toy_a_target,
+)
+from bayesalign.inference import QRS, Exact, Importance, QRSCurves
+from bayesalign.models.causal_lm import CausalLM
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TOY_A_Z = 2.9543306017  # SPEC §10, Gibbs posterior at kl_coef = 1
+# SPEC §10's QRS table (P = a·e^r, q = a): β_q → (acceptance rate, TVD(p,p_β), KL(p‖p_β)).
+SPEC_QRS = {1.0: (1.0, 0.3776975621, 0.4912314979), 4.0: (0.5014485599, 0.2186219623, 0.1603136791),
+            21.0: (TOY_A_Z / 21, 0.0, 0.0)}
 
 
 def assert_png(path: Path) -> None:
@@ -73,6 +88,7 @@ def test_demo_exact_row_matches_spec_log_z(demo: tuple[Path, str, dict]) -> None
     _, _, results = demo
     exact = row(results["toy_a"]["rows"], "Exact")
     assert abs(exact["log_z"] - math.log(TOY_A_Z)) < 1e-8
+    assert abs(exact["log_z"] - math.log(brute_force_toy_a(1.0)["z"])) < 1e-12
     assert exact["kl_target_policy"] == 0 and exact["tvd"] == 0
 
 
@@ -84,6 +100,7 @@ def test_demo_rejection_is_exact_and_qrs_is_not(demo: tuple[Path, str, dict]) ->
     # KL(p‖p_β) at β_q = 4 is SPEC §10's 0.1603136791: QRS below max P/q is biased.
     assert qrs["kl_target_policy"] > 0.1
     assert abs(qrs["kl_target_policy"] - 0.1603136791) < 1e-9
+    assert abs(qrs["kl_target_policy"] - brute_force_qrs_toy_a(4.0)["kl"]) < 1e-12
     # Acceptance rate of exact rejection is Z/M (SPEC §4.1), within 4 standard errors.
     expected = TOY_A_Z / results["toy_a"]["rejection_bound"]
     assert abs(rejection["acceptance_rate"] - expected) < 4 * rejection["acceptance_rate_se"]
@@ -109,6 +126,70 @@ def test_demo_code_posteriors_move_towards_the_reward(demo: tuple[Path, str, dic
     assert all("\n" in text for text in results["code_lm"]["samples"]["Rejection (exact p)"])
 
 
+def _stored(value: Any) -> Any:
+    """``value`` as results.json stores it: JSON types, non-finite floats as strings."""
+    def standard(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: standard(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [standard(x) for x in v]
+        return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+    return json.loads(json.dumps(standard(value)))
+
+
+def _without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_demo_results_json_has_its_structure(demo: tuple[Path, str, dict]) -> None:
+    _, _, results = demo
+    assert set(results) == {"quick", "seconds", "toy_a", "code_lm"} and results["quick"] is True
+    toy, lm = results["toy_a"], results["code_lm"]
+    assert set(toy) == {"rows", "exact_log_z", "rejection_bound", "sweep_samples", "qrs_sweep",
+                        "qrs_exact", "frontier"}
+    assert [r["label"] for r in toy["rows"]] == [
+        "prior a (no inference)", "Exact", "Rejection M=21", "QRS β_q=4", "Importance",
+        "BestOfN n=4", "DPG", "DPG + baseline", "DPG off-policy", "KLRL rloo", "KLRL ppo"]
+    assert all({"engine", "label", "seconds", "log_z", "kl_target_policy", "tvd"} <= set(r)
+               for r in toy["rows"])
+    for curves in (toy["qrs_sweep"], toy["qrs_exact"]):
+        assert curves["qrs_beta"] == list(QRS_BETAS)
+        assert all(len(curves[k]) == len(QRS_BETAS) for k in ("acceptance_rate", "tvd", "kl"))
+    assert toy["sweep_samples"] == DemoSizes.for_mode(True).sweep_samples
+    assert set(lm) == {"rows", "rejection_bound", "kl_coef", "new_tokens", "samples"}
+    assert [r["engine"] for r in lm["rows"]] == ["prior", "Importance", "QRS", "BestOfN",
+                                                 "Rejection"]
+    assert all(isinstance(r["E[pep8]"], float) and r["E[pep8]"] <= 0 for r in lm["rows"])
+
+
+def test_demo_seeded_values_are_reproducible_in_one_process(demo: tuple[Path, str, dict]) -> None:
+    """Every engine seeds itself: a second run, after the global RNG has moved, gives the
+    same Toy A results and the same code-LM Importance estimates as results.json."""
+    _, _, results = demo
+    torch.manual_seed(12345)
+    torch.rand(7)
+    sizes = DemoSizes.for_mode(quick=True)
+    again = _stored({k: v for k, v in run_toy_a(sizes).items() if k != "histories"})
+    toy = results["toy_a"]
+    assert _without_times(again.pop("rows")) == _without_times(toy["rows"])
+    assert again == {k: v for k, v in toy.items() if k != "rows"}
+    prior = CausalLM.from_pretrained("bundled:code-small", max_new_tokens=sizes.lm_new_tokens)
+    importance = Importance(num_samples=sizes.lm_importance, batch_size=sizes.lm_batch)
+    d = importance.fit(pep8_code_target(prior)).diagnostics
+    stored = row(results["code_lm"]["rows"], "Importance")
+    assert (stored["E[pep8]"], stored["log_z"], stored["ess"]) == (
+        d.rewards["pep8"], d.log_z, d.ess)
+
+
+def test_spec_oracles_are_what_brute_force_computes() -> None:
+    assert brute_force_toy_a(1.0)["z"] == pytest.approx(TOY_A_Z, abs=1e-9)
+    for qrs_beta, (rate, tvd, kl) in SPEC_QRS.items():
+        world = brute_force_qrs_toy_a(qrs_beta)
+        assert (world["acceptance_rate"], world["tvd"], world["kl"]) == pytest.approx(
+            (rate, tvd, kl), abs=1e-9)
+
+
 def test_rejection_bound_is_the_ceiling_of_max_ratio() -> None:
     # max P/q = e^3 = 20.09 on Toy A (three 2s), so the integer envelope is 21 (SPEC §10).
     assert rejection_bound(Exact().fit(toy_a_target(1.0))) == 21.0
@@ -120,6 +201,10 @@ def test_exact_qrs_curves_match_the_spec_table() -> None:
     assert curves.acceptance_rate == pytest.approx([1.0, 0.5014485599, TOY_A_Z / 21], abs=1e-9)
     assert curves.tvd == pytest.approx([0.3776975621, 0.2186219623, 0.0], abs=1e-9)
     assert curves.kl == pytest.approx([0.4912314979, 0.1603136791, 0.0], abs=1e-9)
+    brute = [brute_force_qrs_toy_a(b) for b in curves.qrs_beta]
+    assert curves.acceptance_rate == pytest.approx([b["acceptance_rate"] for b in brute], abs=1e-12)
+    assert curves.tvd == pytest.approx([b["tvd"] for b in brute], abs=1e-12)
+    assert curves.kl == pytest.approx([b["kl"] for b in brute], abs=1e-12)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 from bayesalign.inference import dpg, klrl
 from experiments import code_prompts
 from experiments.code_prompts import METHODS
+from experiments.results import read_results
 
 
 def test_the_prompt_set_is_a_fixed_disjoint_split_of_distinct_requests():
@@ -35,23 +36,40 @@ def test_quick_run_evaluates_held_out_prompts_with_policies_trained_on_train_pro
             return original(target, proposal, n, context)
 
         monkeypatch.setattr(module, "score_batch", spy)
+    finished = []
+
+    def write_results(output, experiment, done, results, original=code_prompts.write_results):
+        finished.append(done)
+        return original(output, experiment, done, results)
+
+    monkeypatch.setattr(code_prompts, "write_results", write_results)
     report = code_prompts.run(tmp_path, quick=True)
     assert (tmp_path / "code_prompts.md").read_text().strip() == report
     assert (tmp_path / "code_prompts.png").stat().st_size > 5000
     train, held_out = code_prompts.load_prompts(code_prompts.Sizes.for_mode(True))
     assert trained_on and set(trained_on) <= set(train)
-    rows = list(csv.DictReader((tmp_path / "code_prompts.csv").open()))
+    results = read_results(tmp_path)
+    assert results["experiment"] == "code_prompts" and results["finished"]
+    assert report == code_prompts.render(results)  # the tables are the JSON's rendering
+    assert results["train_prompts"] == train
+    # Written after every held-out prompt; only the last write says the run finished.
+    assert finished == [False] * (len(held_out) - 1) + [True]
+    rows = results["rows"]
     assert [r["prompt"] for r in rows[::len(METHODS)]] == held_out
     assert [r["method"] for r in rows] == list(METHODS) * len(held_out)
-    z_hats = {float(r["z_hat"]) for r in rows}
+    z_hats = {r["z_hat"] for r in rows}
     assert all(0 <= z <= 1 for z in z_hats)
     assert min(z_hats) == 0 < max(z_hats)  # both the empty and the non-empty path ran
     for r in rows:
-        if r["parse_rate"] == "":
+        if r["parse_rate"] is None:
             assert r["method"] in ("QRS", "Importance") and r["note"]
+            assert r["violations_per_char"] is None
             continue
-        assert 0 <= float(r["parse_rate"]) <= 1 and float(r["violations_per_char"]) >= 0
+        assert 0 <= r["parse_rate"] <= 1 and r["violations_per_char"] >= 0
         if r["method"] in ("QRS", "Importance"):  # they return only samples with P > 0
-            assert float(r["parse_rate"]) == 1
-    summary_rows = report.splitlines()[6:6 + len(METHODS)]
-    assert [line.split("|")[1].strip() for line in summary_rows] == list(METHODS)
+            assert r["parse_rate"] == 1
+    assert [s["method"] for s in results["summary"]] == list(METHODS)
+    assert results["summary"] == code_prompts.summary(rows)
+    # The CSV holds the same rows, an empty cell where the JSON has null.
+    csv_rows = list(csv.DictReader((tmp_path / "code_prompts.csv").open()))
+    assert [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows] == csv_rows

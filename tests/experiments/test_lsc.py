@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import lsc
+from experiments.results import read_results
 
 
 @pytest.fixture(autouse=True)
@@ -18,29 +19,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _table(report: str) -> list[list[str]]:
-    start = report.splitlines().index(next(line for line in report.splitlines()
-                                           if line.startswith("| method")))
-    rows = []
-    for line in report.splitlines()[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.split("|")[1:-1]])
-    return rows
-
-
 def test_quick_run_reports_both_methods(tmp_path):
     report = lsc.run(tmp_path, quick=True)
     assert (tmp_path / "lsc.png").stat().st_size > 5000
     assert (tmp_path / "lsc.md").read_text().strip() == report
-    rows = _table(report)
-    assert [r[0] for r in rows] == ["prior", "raw", "lsc"]
+    results = read_results(tmp_path)
+    assert results["experiment"] == "lsc" and results["finished"]
+    assert report == lsc.render(results)  # the tables are the JSON's rendering
+    rows = results["rows"]
+    assert [r["method"] for r in rows] == ["prior", "raw", "lsc"]
     for r in rows:
-        assert math.isfinite(float(r[2]))
-        satisfaction = [float(v) for v in r[3:6]]
+        assert math.isfinite(r["kl"])
+        satisfaction = [r["sat_pep8"], r["sat_parses"], r["worst"]]
         assert all(0 <= v <= 1 for v in satisfaction)
-        assert float(r[5]) == min(satisfaction[:2])  # worst = the lower property
-    assert "Matched KL" in report
+        assert r["worst"] == min(satisfaction[:2])  # worst = the lower property
+    assert math.isnan(rows[0]["kl_coef"]) and rows[0]["kl"] == 0
+    assert "Matched KL" in report and results["matched"]
+    assert results["matched"] == lsc.matched(rows)
     # r_ref in the report is the empirical 0.85 quantile of the same seeded prior draws.
     sizes = lsc.Sizes.for_mode(quick=True)
     prior = lsc.load_prior(True, sizes.new_tokens)
@@ -48,6 +43,11 @@ def test_quick_run_reports_both_methods(tmp_path):
         torch.manual_seed(0)
         rewards = lsc.property_rewards(prior.sample_batch(sizes.reference_samples)).numpy()
     assert f"PEP8 {np.quantile(rewards[:, 0], 0.85):.4f}" in report
+    assert results["calibration"]["properties"] == list(lsc.PROPERTIES)
+    assert results["calibration"]["reference"] == pytest.approx(
+        np.quantile(rewards, 0.85, axis=0).tolist(), rel=1e-12, abs=1e-15)
+    assert results["calibration"]["scale"] == pytest.approx(
+        [s if s > 0 else 1.0 for s in rewards.std(0, ddof=1)], rel=1e-12)
     assert (rewards.shape[1], prior.sample_batch(4).lengths.tolist()) == (2, [16] * 4)
 
 

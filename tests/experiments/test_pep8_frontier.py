@@ -2,19 +2,24 @@
 
 import math
 
+import pytest
+
 from experiments import pep8_frontier
+from experiments.results import read_results
 
 
 def test_quick_frontier_runs_every_engine(tmp_path):
     report = pep8_frontier.run(tmp_path, quick=True)
     assert (tmp_path / "pep8_frontier.png").stat().st_size > 5000
     assert (tmp_path / "pep8_frontier.md").read_text().strip() == report
-    engines = [line.split("|")[2].strip() for line in report.splitlines()[4:]]
-    assert engines == ["prior", "BestOfN n=4", "Rejection", "Importance", "QRS β_q=0.2", "DPG",
-                       "RLOO", "PPO"]
-    rows = {line.split("|")[2].strip(): line.split("|") for line in report.splitlines()[4:]}
+    results = read_results(tmp_path)
+    assert results["experiment"] == "pep8_frontier" and results["finished"]
+    assert report == pep8_frontier.render(results)  # the table is the JSON's rendering
+    assert [r["engine"] for r in results["rows"]] == [
+        "prior", "BestOfN n=4", "Rejection", "Importance", "QRS β_q=0.2", "DPG", "RLOO", "PPO"]
+    rows = {r["engine"]: r for r in results["rows"]}
     # Exact samplers of p put less mass on PEP8 violations than the prior, at a finite KL.
-    prior = float(rows["prior"][3])
-    assert float(rows["Rejection"][3]) < prior
-    assert float(rows["BestOfN n=4"][5]) == round(math.log(4) - 3 / 4, 3)
-    assert all(math.isfinite(float(r[5])) for r in rows.values())
+    assert rows["Rejection"]["violations_per_char"] < rows["prior"]["violations_per_char"]
+    assert rows["BestOfN n=4"]["kl_policy_prior"] == pytest.approx(math.log(4) - 3 / 4, abs=1e-12)
+    assert all(math.isfinite(r["kl_policy_prior"]) for r in rows.values())
+    assert [r["kl_coef"] for r in results["rows"]] == [None, None] + [0.05] * 6

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from experiments import phf_pep8
+from experiments.results import read_results
 
 ROWS = [*phf_pep8.OBJECTIVES[:3], phf_pep8.PHF_DECODING, *phf_pep8.OBJECTIVES[3:]]
 
@@ -15,18 +16,21 @@ def test_quick_run_measures_every_objective(tmp_path):
     report = phf_pep8.run(tmp_path, quick=True)
     assert (tmp_path / "phf_pep8.png").stat().st_size > 5000
     assert (tmp_path / "phf_pep8.md").read_text().strip() == report
-    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in report.splitlines()[4:]]
-    assert [c[0] for c in cells] == ROWS
-    rows = {c[0]: c for c in cells}
-    for c in cells:
-        rate, se = (float(x) for x in c[3].split("±"))
+    results = read_results(tmp_path)
+    assert results["experiment"] == "phf_pep8" and results["finished"]
+    assert report == phf_pep8.render(results)  # the table is the JSON's rendering
+    assert [r["objective"] for r in results["rows"]] == ROWS
+    rows = {r["objective"]: r for r in results["rows"]}
+    for r in results["rows"]:
+        rate, se = r["misalignment"], r["misalignment_se"]
         assert math.isfinite(rate) and rate >= 0 and se >= 0
-        assert all(math.isfinite(float(x)) for x in (c[5], c[6], c[7]))
-        assert float(c[5]) >= rate  # the max of k samples is at least their mean
-        code_rate = float(c[9].split("±")[0])
-        assert math.isfinite(code_rate) and code_rate >= 0 and 0 <= float(c[11]) <= 1
-    assert float(rows["mle"][7]) == 0  # MLE's KL from itself
-    assert rows["conditional"][1] == "0"  # PHF's threshold: aligned iff no violation
+        assert all(math.isfinite(r[k]) for k in ("max_at_k", "heldout_loss", "kl_from_mle"))
+        # the max of k samples is at least their mean (up to the table's rounding, as before)
+        assert round(r["max_at_k"], 4) >= round(rate, 4)
+        code_rate = r["code_misalignment"]
+        assert math.isfinite(code_rate) and code_rate >= 0 and 0 <= r["comment_fraction"] <= 1
+    assert rows["mle"]["kl_from_mle"] == 0  # MLE's KL from itself
+    assert rows["conditional"]["threshold"] == 0  # PHF's threshold: aligned iff no violation
     samples = json.loads((tmp_path / "samples.json").read_text())
     assert list(samples) == ["mle", "filtering", "conditional", phf_pep8.PHF_DECODING,
                              "unlikelihood", "rwr", "awr"]

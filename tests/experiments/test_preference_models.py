@@ -3,6 +3,7 @@
 import ast
 
 from experiments import preference_models
+from experiments.results import read_results
 
 
 def test_snippets_are_whole_statements_and_lines_are_unindented():
@@ -23,3 +24,15 @@ def test_quick_run_writes_table_and_figure(tmp_path):
     for row in preference_models.ROWS:
         assert f"| {row} | no |" in table and f"| {row} | yes |" in table
     assert (tmp_path / "preference_models.png").stat().st_size > 10_000
+    results = read_results(tmp_path)
+    assert results["experiment"] == "preference_models" and results["finished"]
+    assert table.strip() == preference_models.render(results)  # the table is the JSON's rendering
+    columns = [0, *preference_models.QUICK.sizes]
+    cells = [(a["objective"], a["pmp"], a["comparisons"]) for a in results["accuracy"]]
+    assert cells == [(row, pmp, n) for row in preference_models.ROWS for pmp in (False, True)
+                     for n in columns]
+    seeds = len(preference_models.QUICK.seeds)
+    assert all(len(a["per_seed"]) == seeds and all(0 <= v <= 1 for v in a["per_seed"])
+               for a in results["accuracy"])
+    assert results["test_pairs"] == preference_models.QUICK.test_pairs
+    assert 0 <= results["shorter_wins"] <= 1

@@ -1,0 +1,39 @@
+"""experiments/results: results.json is written whole or not at all, and reads back what was written."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from experiments.results import RESULTS, read_results, write_results
+
+
+def test_results_read_back_with_tensors_as_lists_and_non_finite_floats_restored(tmp_path):
+    back = write_results(tmp_path, "demo", False, {
+        "rows": [{"kl_coef": math.nan, "ratio": math.inf, "low": -math.inf, "note": None}],
+        "reference": torch.tensor([0.25, 1.0], dtype=torch.float64), "sizes": (1, 2)})
+    assert read_results(tmp_path) == back
+    assert back["experiment"] == "demo" and back["finished"] is False
+    assert back["reference"] == [0.25, 1.0] and back["sizes"] == [1, 2]
+    row = back["rows"][0]
+    assert math.isnan(row["kl_coef"]) and row["ratio"] == math.inf and row["low"] == -math.inf
+    assert row["note"] is None
+    # Standard JSON on disk: no NaN / Infinity literals.
+    raw = json.loads((tmp_path / RESULTS).read_text(),
+                     parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert raw["rows"][0]["kl_coef"] == "nan"
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    write_results(tmp_path, "demo", True, {"value": 1})
+
+    def fail(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(tmp_path, "demo", False, {"value": 2})
+    assert read_results(tmp_path) == {"experiment": "demo", "finished": True, "value": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RESULTS]
