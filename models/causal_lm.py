@@ -85,7 +85,11 @@ class CausalLM(SequenceDistribution):
         # Start token for an empty context: a causal LM needs one position to predict from.
         bos = tokenizer.bos_token_id
         self.start_token_id = bos if bos is not None else self.pad_token_id
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward_parameters
+        # transformers 5 names the KV cache `cache` (in and out); older releases and
+        # remote-code models still call it `past_key_values`.
+        self._cache_name = "cache" if "cache" in forward_parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(
@@ -210,16 +214,17 @@ class CausalLM(SequenceDistribution):
 
     def _forward(
         self, input_ids: torch.Tensor, attention: torch.Tensor, *, keep: int,
-        use_cache: bool = False, past=None,
+        use_cache: bool = False, cache=None,
     ) -> tuple[torch.Tensor, object]:
-        """Logits of the last ``keep`` positions; positions count real tokens only (left pads)."""
+        """Logits of the last ``keep`` positions and the KV cache (with ``use_cache``);
+        positions count real tokens only (left pads)."""
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         kw = {"logits_to_keep": keep} if self._keeps_logits else {}
         out = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions,
-            past_key_values=past, use_cache=use_cache, **kw,
+            use_cache=use_cache, **{self._cache_name: cache}, **kw,
         )
-        return out.logits[:, -keep:], out.past_key_values
+        return out.logits[:, -keep:], getattr(out, self._cache_name, None)
 
     @torch.no_grad()
     def sample_batch(self, num_samples: int) -> Sequences:
@@ -231,7 +236,7 @@ class CausalLM(SequenceDistribution):
         finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
         log_q = torch.zeros(num_samples, dtype=torch.float64, device=device)
         steps: list[torch.Tensor] = []
-        logits, past = self._forward(input_ids, attention, keep=1, use_cache=True)
+        logits, cache = self._forward(input_ids, attention, keep=1, use_cache=True)
         for step in range(self.max_new_tokens):
             log_probs = adapted_log_probs(logits[:, -1], self.adaptors)
             token = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
@@ -244,8 +249,10 @@ class CausalLM(SequenceDistribution):
             if step == self.max_new_tokens - 1 or bool(finished.all()):
                 break
             attention = torch.cat([attention, attention.new_ones((num_samples, 1))], dim=1)
-            logits, past = self._forward(
-                token[:, None], attention, keep=1, use_cache=True, past=past
+            # Every row stays in the batch (finished ones are fed pad), so the cache needs no
+            # reordering or row selection between steps.
+            logits, cache = self._forward(
+                token[:, None], attention, keep=1, use_cache=True, cache=cache
             )
         tokens = torch.stack(steps, dim=1)
         return Sequences(
