@@ -20,9 +20,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, VocabularyMismatchError
-from bayesalign.sequences import Decoder, Sequences, mask_through_eos
+from bayesalign.sequences import Sequences, mask_through_eos
 
 from .adaptors import Adaptor, BanTokens, adapted_log_probs, make_adaptors
+from .decoding import tokenizer_decoder
 
 Prompt = str | list[str] | None
 
@@ -260,7 +261,7 @@ class CausalLM(SequenceDistribution):
             mask=mask_through_eos(tokens, self.eos_token_id),
             context=None if self.prompt is None else contexts,
             log_q=log_q,
-            decoder=_decoder(self.tokenizer, self.eos_token_id, self.hidden_tokens),
+            decoder=tokenizer_decoder(self.tokenizer, self.eos_token_id, self.hidden_tokens),
         )
 
     def token_log_probs(self, value: Sequences) -> torch.Tensor:
@@ -323,14 +324,3 @@ def _check_prompt(prompt: Prompt) -> Prompt:
         raise ConfigError(f"CausalLM prompt must be a string or a list of strings, got {prompt!r}")
     return prompt
 
-
-def _decoder(tokenizer: PreTrainedTokenizerBase, eos_token_id: int | None,
-             hidden: frozenset[int] = frozenset()) -> Decoder:
-    """Decode real tokens without the closing EOS, which is not part of the text, and without
-    ``hidden`` ones (control tags a model writes)."""
-
-    def decode(rows: list[list[int]]) -> list[str]:
-        trimmed = [r[:-1] if r and r[-1] == eos_token_id else r for r in rows]
-        return tokenizer.batch_decode([[t for t in r if t not in hidden] for r in trimmed])
-
-    return decode
