@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bayesalign.distribution import SequenceDistribution
@@ -26,6 +27,10 @@ from .adaptors import Adaptor, BanTokens, adapted_log_probs, make_adaptors
 from .decoding import tokenizer_decoder
 
 Prompt = str | list[str] | None
+# from_pretrained's dtype keyword: `dtype` since transformers 4.56 (where `torch_dtype` is
+# deprecated), `torch_dtype` before.
+_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+_DTYPE_KEYWORD = "dtype" if _TRANSFORMERS >= (4, 56) else "torch_dtype"
 
 
 class CausalLM(SequenceDistribution):
@@ -116,7 +121,7 @@ class CausalLM(SequenceDistribution):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model_kw = {} if dtype is None else {"dtype": dtype}
+        model_kw = {} if dtype is None else {_DTYPE_KEYWORD: dtype}
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **model_kw)
         if device is not None:
             model = model.to(device)

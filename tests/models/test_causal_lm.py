@@ -294,6 +294,8 @@ def test_from_pretrained_round_trip(lm: CausalLM, tmp_path) -> None:
     torch.manual_seed(13)
     samples = lm.given(PROMPTS).sample_batch(4)
     torch.testing.assert_close(loaded.log_prob(samples), lm.log_prob(samples), atol=1e-5, rtol=0)
+    half = CausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.model.dtype == torch.bfloat16
 
 
 def test_unknown_bundled_name_and_missing_directory(tmp_path) -> None:
