@@ -16,15 +16,21 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, VocabularyMismatchError
-from bayesalign.sequences import Decoder, Sequences, mask_through_eos
+from bayesalign.sequences import Sequences, mask_through_eos
 
 from .adaptors import Adaptor, BanTokens, adapted_log_probs, make_adaptors
+from .decoding import tokenizer_decoder
 
 Prompt = str | list[str] | None
+# from_pretrained's dtype keyword: `dtype` since transformers 4.56 (where `torch_dtype` is
+# deprecated), `torch_dtype` before.
+_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+_DTYPE_KEYWORD = "dtype" if _TRANSFORMERS >= (4, 56) else "torch_dtype"
 
 
 class CausalLM(SequenceDistribution):
@@ -85,7 +91,11 @@ class CausalLM(SequenceDistribution):
         # Start token for an empty context: a causal LM needs one position to predict from.
         bos = tokenizer.bos_token_id
         self.start_token_id = bos if bos is not None else self.pad_token_id
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward_parameters
+        # transformers 5 names the KV cache `cache` (in and out); older releases and
+        # remote-code models still call it `past_key_values`.
+        self._cache_name = "cache" if "cache" in forward_parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(
@@ -111,7 +121,7 @@ class CausalLM(SequenceDistribution):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model_kw = {} if dtype is None else {"dtype": dtype}
+        model_kw = {} if dtype is None else {_DTYPE_KEYWORD: dtype}
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **model_kw)
         if device is not None:
             model = model.to(device)
@@ -210,16 +220,17 @@ class CausalLM(SequenceDistribution):
 
     def _forward(
         self, input_ids: torch.Tensor, attention: torch.Tensor, *, keep: int,
-        use_cache: bool = False, past=None,
+        use_cache: bool = False, cache=None,
     ) -> tuple[torch.Tensor, object]:
-        """Logits of the last ``keep`` positions; positions count real tokens only (left pads)."""
+        """Logits of the last ``keep`` positions and the KV cache (with ``use_cache``);
+        positions count real tokens only (left pads)."""
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         kw = {"logits_to_keep": keep} if self._keeps_logits else {}
         out = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions,
-            past_key_values=past, use_cache=use_cache, **kw,
+            use_cache=use_cache, **{self._cache_name: cache}, **kw,
         )
-        return out.logits[:, -keep:], out.past_key_values
+        return out.logits[:, -keep:], getattr(out, self._cache_name, None)
 
     @torch.no_grad()
     def sample_batch(self, num_samples: int) -> Sequences:
@@ -231,7 +242,7 @@ class CausalLM(SequenceDistribution):
         finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
         log_q = torch.zeros(num_samples, dtype=torch.float64, device=device)
         steps: list[torch.Tensor] = []
-        logits, past = self._forward(input_ids, attention, keep=1, use_cache=True)
+        logits, cache = self._forward(input_ids, attention, keep=1, use_cache=True)
         for step in range(self.max_new_tokens):
             log_probs = adapted_log_probs(logits[:, -1], self.adaptors)
             token = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
@@ -244,8 +255,10 @@ class CausalLM(SequenceDistribution):
             if step == self.max_new_tokens - 1 or bool(finished.all()):
                 break
             attention = torch.cat([attention, attention.new_ones((num_samples, 1))], dim=1)
-            logits, past = self._forward(
-                token[:, None], attention, keep=1, use_cache=True, past=past
+            # Every row stays in the batch (finished ones are fed pad), so the cache needs no
+            # reordering or row selection between steps.
+            logits, cache = self._forward(
+                token[:, None], attention, keep=1, use_cache=True, cache=cache
             )
         tokens = torch.stack(steps, dim=1)
         return Sequences(
@@ -253,7 +266,7 @@ class CausalLM(SequenceDistribution):
             mask=mask_through_eos(tokens, self.eos_token_id),
             context=None if self.prompt is None else contexts,
             log_q=log_q,
-            decoder=_decoder(self.tokenizer, self.eos_token_id, self.hidden_tokens),
+            decoder=tokenizer_decoder(self.tokenizer, self.eos_token_id, self.hidden_tokens),
         )
 
     def token_log_probs(self, value: Sequences) -> torch.Tensor:
@@ -316,14 +329,3 @@ def _check_prompt(prompt: Prompt) -> Prompt:
         raise ConfigError(f"CausalLM prompt must be a string or a list of strings, got {prompt!r}")
     return prompt
 
-
-def _decoder(tokenizer: PreTrainedTokenizerBase, eos_token_id: int | None,
-             hidden: frozenset[int] = frozenset()) -> Decoder:
-    """Decode real tokens without the closing EOS, which is not part of the text, and without
-    ``hidden`` ones (control tags a model writes)."""
-
-    def decode(rows: list[list[int]]) -> list[str]:
-        trimmed = [r[:-1] if r and r[-1] == eos_token_id else r for r in rows]
-        return tokenizer.batch_decode([[t for t in r if t not in hidden] for r in trimmed])
-
-    return decode

@@ -30,6 +30,7 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, NoLogProbError
 from bayesalign.sequences import Decoder, Sequences, mask_through_eos
 
+from .decoding import tokenizer_decoder
 from .pretraining.corpus import documents, find_corpus
 
 SEGMENTS = ("document", "line", "sentence")
@@ -187,9 +188,7 @@ class Corpus(SequenceDistribution):
         if self.tokenizer is None:
             return lambda rows: [bytes(r[:-1] if r and r[-1] == BYTE_EOS else r)
                                  .decode("utf-8", errors="replace") for r in rows]
-        eos, tokenizer = self.eos_token_id, self.tokenizer
-        return lambda rows: tokenizer.batch_decode([r[:-1] if r and r[-1] == eos else r
-                                                    for r in rows])
+        return tokenizer_decoder(self.tokenizer, self.eos_token_id)
 
 
 def vocabulary_digest(tokenizer) -> str:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bayesalign.errors import ConfigError
+from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences, mask_through_eos
 
 from .causal_lm import CausalLM
@@ -67,8 +68,7 @@ class PreferenceModel:
         # Pads are never read: the attention mask and positions skip them.
         self.pad_token_id = next(t for t in (tokenizer.pad_token_id, eos, 0) if t is not None)
         parameter = next(backbone.parameters())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             head = torch.nn.Linear(backbone.config.hidden_size, 1)
             torch.nn.init.normal_(head.weight, std=0.02)
             torch.nn.init.zeros_(head.bias)
@@ -248,11 +248,9 @@ def train_preference_model(
     batch_size = min(batch_size, len(comparisons))
     order = torch.empty(0, dtype=torch.long)
     history: list[dict[str, float]] = []
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     model.module.train()
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)  # dropout, where the backbone has any
+        with seeded(seed):  # dropout, where the backbone has any
             for step in range(steps):
                 if len(order) < batch_size:
                     order = torch.randperm(len(comparisons), generator=generator)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pyro
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 from bayesalign.errors import ConfigError, VocabularyMismatchError
 from bayesalign.models.adaptors import BanTokens
@@ -120,6 +123,68 @@ def test_padded_batch_matches_single_unpadded_rows(lm: CausalLM) -> None:
     assert samples.context == [p for p in PROMPTS for _ in range(2)]
 
 
+
+class PastKeyValuesLM(torch.nn.Module):
+    """The same GPT-2 behind a forward that calls its KV cache ``past_key_values`` and keeps
+    every position's logits, as transformers < 5 and remote-code models do."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None,
+                use_cache=False):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=past_key_values, use_cache=use_cache)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+
+@pytest.mark.skipif(
+    "cache" not in inspect.signature(GPT2LMHeadModel.forward).parameters,
+    reason="this transformers (< 5) calls GPT-2's cache past_key_values: every test covers that",
+)
+def test_a_model_naming_its_cache_past_key_values_samples_the_same(lm: CausalLM) -> None:
+    legacy = CausalLM(PastKeyValuesLM(lm.model), lm.tokenizer, max_new_tokens=lm.max_new_tokens)
+    assert (lm._cache_name, legacy._cache_name) == ("cache", "past_key_values")
+    draws = []
+    for prior in (lm, legacy):
+        proposal = prior.given(PROMPTS).adapted(top_p=0.9)
+        torch.manual_seed(14)
+        with eos_probability(lm, 0.15):
+            draws.append(proposal.sample_batch(8))
+            # The cache was carried between steps: log q equals one pass over all the logits.
+            torch.testing.assert_close(proposal.log_prob(draws[-1]), draws[-1].log_q,
+                                       atol=1e-4, rtol=0)
+    cached, legacy_cached = draws
+    assert cached.lengths.min() < cached.tokens.shape[1], "some row should stop at EOS"
+    assert torch.equal(legacy_cached.tokens, cached.tokens)
+    assert torch.equal(legacy_cached.log_q, cached.log_q)
+
+
+def test_text_leaves_out_hidden_tokens_and_the_closing_eos(lm: CausalLM) -> None:
+    torch.manual_seed(15)
+    with eos_probability(lm, 0.3):
+        plain = lm.sample_batch(8)
+    longest = int(plain.lengths.argmax())
+    hidden = int(plain.tokens[longest, 0])
+    assert hidden != lm.eos_token_id
+    tagged_lm = CausalLM(lm.model, lm.tokenizer, max_new_tokens=lm.max_new_tokens,
+                         hidden_tokens=(hidden,))
+    torch.manual_seed(15)
+    with eos_probability(lm, 0.3):
+        tagged = tagged_lm.sample_batch(8)
+    # Hidden tokens are sampled and scored like any other: the draws are the same.
+    assert torch.equal(tagged.tokens, plain.tokens) and torch.equal(tagged.log_q, plain.log_q)
+    rows = plain.token_lists()
+    assert any(r[-1] == lm.eos_token_id for r in rows), "some row should end with EOS"
+    visible = [[t for t in (r[:-1] if r[-1] == lm.eos_token_id else r) if t != hidden]
+               for r in rows]
+    assert tagged.text == lm.tokenizer.batch_decode(visible)
+    assert tagged.text[longest] != plain.text[longest]
+
 def test_context_in_value_overrides_prompt(lm: CausalLM) -> None:
     torch.manual_seed(5)
     samples = lm.given("def f(x):").sample_batch(3)
@@ -229,6 +294,8 @@ def test_from_pretrained_round_trip(lm: CausalLM, tmp_path) -> None:
     torch.manual_seed(13)
     samples = lm.given(PROMPTS).sample_batch(4)
     torch.testing.assert_close(loaded.log_prob(samples), lm.log_prob(samples), atol=1e-5, rtol=0)
+    half = CausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.model.dtype == torch.bfloat16
 
 
 def test_unknown_bundled_name_and_missing_directory(tmp_path) -> None:
