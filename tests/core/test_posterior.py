@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import P1, T, conditional_world
+from scipy import stats
 
 import bayesalign as ba
 from bayesalign.inference import QRS, Exact, Importance, Rejection
@@ -55,7 +57,8 @@ def test_policy_posterior_round_trip(tmp_path):
     with torch.no_grad():
         policy.module.tables[0] += torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     sample = policy.sample_batch(5)
-    post = ba.Posterior(sample, engine="Policy", policy=policy, law=policy.log_prob)
+    post = ba.Posterior(sample, engine="Policy", policy=policy, law=policy.log_prob,
+                        diagnostics=ba.Diagnostics())
     post.save(tmp_path / "policy")
     fresh = prior.trainable_copy()
     loaded = ba.Posterior.load(tmp_path / "policy", policy=fresh)
@@ -67,8 +70,21 @@ def test_conditional_target_per_context_normalisers():
     target = conditional_world()
     assert math.exp(Exact().fit(target, "a").log_z) == pytest.approx(0.466, abs=1e-12)
     assert math.exp(Exact().fit(target, "b").log_z) == pytest.approx(0.872, abs=1e-12)
-    post = Rejection(bound=1.0, num_samples=200, seed=0).fit(target, "b")
-    assert post.diagnostics.kl_target_policy == pytest.approx(0.0, abs=1e-12)
+    # Rejection given "b" draws from p(·|b), not p(·|a): χ² of 5000 draws (seed 0) against
+    # each context's exact law (its declared distance, 0 by theorem, tests nothing).
+    post = Rejection(bound=1.0, num_samples=5000, seed=0).fit(target, "b")
+    assert post.diagnostics.distances_from == "law"
+    for context, accept in (("b", True), ("a", False)):
+        exact = Exact().fit(target, context)
+        p = exact.log_prob(exact.samples).exp().numpy()
+        keep = p > 0  # sequences without a 2 have no mass under either context
+        index = {k: i for i, k in enumerate(exact.samples.keys())}
+        observed = np.zeros(len(p))
+        for k in post.samples.keys():
+            observed[index[k]] += 1
+        assert observed[~keep].sum() == 0
+        pvalue = stats.chisquare(observed[keep], p[keep] * observed.sum()).pvalue
+        assert (pvalue > 1e-3) if accept else (pvalue < 1e-6), (context, pvalue)
 
 
 def test_rows_with_different_contexts_are_scored_by_their_own_prior():
