@@ -81,7 +81,12 @@ class _AcceptReject:
         return samples, torch.cat(all_log_w), num_accepted, proposal
 
     def _exact_law(self, target: Target, context: Any, proposal: SequenceDistribution):
-        """``log min(P, M q) − log Z_M`` on enumerable worlds (= log p when M ≥ max P/q)."""
+        """``log min(P, M q) − log Z_M`` on enumerable worlds (= log p when M ≥ max P/q).
+
+        The law the engine declares, a theorem about the sampler: the diagnostics' distances
+        come from it (``distances_from="law"``), so they say nothing about the draws; the
+        tests compare the draws with it (χ²).
+        """
         if not target.is_enumerable(context):
             return None
         support = target.support(context)
