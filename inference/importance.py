@@ -47,11 +47,12 @@ class Importance:
             samples, log_w = Sequences.cat(draws), torch.cat(log_ws)
             diagnostics = evaluate(target, samples, context=context, log_weights=log_w,
                                    proposal_log_weights=log_w)
-            weights = log_w
+            log_weights = log_w
             if self.resample:
+                # An equal-weight set; the diagnostics stay those of the weighted draws.
                 index = torch.multinomial(normalised_weights(log_w, len(samples)),
                                           self.num_samples, replacement=True)
-                samples, weights = samples[index], None
+                samples, log_weights = samples[index], None
         return Posterior(samples, engine="Importance", diagnostics=diagnostics, target=target,
-                         context=context, log_weights=weights, proposal_log_weights=log_w,
+                         context=context, log_weights=log_weights, proposal_log_weights=log_w,
                          config={"num_samples": self.num_samples, "resample": self.resample})
