@@ -17,7 +17,8 @@ def posterior_to_arviz(posterior: Posterior) -> arviz.InferenceData:
     """One chain of draws: ``log_score``, each factor site's value and the sequence length.
 
     Weighted posteriors keep their normalised weights in ``sample_stats.weight``, and the
-    proposal's ``log P − log q`` in ``proposal_stats.log_weight``; diagnostics go to attrs.
+    proposal's ``log P − log q`` in ``proposal_stats.log_weight``; scalar diagnostics (with
+    ``distances_from``, what the distances were computed from) go to attrs.
     """
     import arviz as az
 
@@ -35,7 +36,7 @@ def posterior_to_arviz(posterior: Posterior) -> arviz.InferenceData:
     stats = {"weight": posterior.normalised_weights.cpu().numpy()[None]}
     attrs = {
         k: v for k, v in posterior.diagnostics.as_dict().items()
-        if isinstance(v, (int, float, bool)) and v is not None
+        if isinstance(v, (int, float, bool, str))
     }
     attrs["engine"] = posterior.engine
     data = az.from_dict(posterior=draws, sample_stats=stats, attrs=attrs)

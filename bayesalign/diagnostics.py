@@ -106,9 +106,28 @@ def is_tvd(log_P: torch.Tensor, log_q: torch.Tensor, log_pi: torch.Tensor) -> fl
 class Diagnostics:
     """What every `Posterior` reports; a field is None where it does not apply.
 
-    ``exact`` says whether the distances came from enumeration (True) or estimation (False).
-    ``elbo`` is ``E_π[log P − log π] = E_π[log L] − KL(π‖a) ≤ log Z``: the KL-regularised RL
-    objective divided by kl_coef (SPEC §1.1), equal to log Z exactly when π = p.
+    Where the numbers come from (name every estimate by what it is computed from, DESIGN.md):
+
+    - ``log_z``, ``ess``, ``pareto_k``: from the importance weights ``log P − log q`` of the
+      engine's proposal draws (or of fresh policy draws); ``log_z_se = 0`` when ``log_z`` is
+      exact (Exact's enumeration).
+    - ``kl_target_policy``, ``tvd``: named by ``distances_from``:
+      ``"law"`` — the law the engine declares (`Posterior.law`), enumerated over the support.
+      For Exact, Rejection, QRS and BestOfN that law is a theorem about the sampler
+      (p, p, p_β, π_BoN), so these numbers do not test the draws (tests compare the draws
+      with the law: a χ² goodness-of-fit); for a trained policy it is π itself.
+      ``"weighted samples"`` — the samples' weighted empirical law (SNIS), enumerated.
+      ``"policy draws"`` — importance-sampling estimates from ``num_proposed`` fresh policy
+      draws (SPEC §2.6). ``"proposal draws"`` — the engine's own importance-sampling estimates
+      from its proposal draws (QRS: KL(p‖p_β) and TVD(p, p_β), SPEC §4.2). None: not known.
+    - ``exact``: True when ``kl_target_policy``, ``tvd``, ``kl_policy_prior``, ``elbo``,
+      ``rewards`` and ``moments`` were computed by enumerating the support (no Monte Carlo
+      error in the computation) under the law ``distances_from`` names; False when they are
+      estimates or averages over draws.
+    - ``elbo`` is ``E_π[log P − log π] = E_π[log L] − KL(π‖a) ≤ log Z``: the KL-regularised RL
+      objective divided by kl_coef (SPEC §1.1), equal to log Z exactly when π = p.
+    - ``extras``: numbers only some engines have (BestOfN's KL and win-rate bounds, DPG's
+      running log Ẑ per context, per-context values of an amortised fit).
     """
 
     log_z: float | None = None
@@ -128,6 +147,8 @@ class Diagnostics:
     num_proposed: int | None = None
     num_samples: int | None = None
     exact: bool = False
+    distances_from: str | None = None
+    extras: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:

@@ -13,6 +13,10 @@ class InvalidDistributionError(BayesAlignError, ValueError):
     """A probability table or prior is malformed (negative, not normalised, wrong shape)."""
 
 
+class InvalidSequencesError(BayesAlignError, ValueError):
+    """A `Sequences` batch is malformed: tokens not [batch, length], a mask of another shape."""
+
+
 class InvalidTargetError(BayesAlignError, ValueError):
     """A target model is malformed: no prior site, two prior sites, bad factor shapes."""
 

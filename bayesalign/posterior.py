@@ -13,21 +13,27 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from .diagnostics import Diagnostics
 from .distribution import SequenceDistribution
 from .errors import BayesAlignError
+from .evaluation import empirical_log_prob, normalised_weights
 from .sequences import Sequences
 from .targets import NO_CONTEXT, Target
 
 LogProb = Callable[[Sequences], torch.Tensor]
+FORMAT = 2  # of posterior.json; Posterior.load also reads format 1 (no "format" key)
 
 
 class Posterior:
-    """What an engine returns: samples (weighted where weighted), the law they follow, diagnostics.
+    """What an engine returns, built complete: its draws, the law they follow, their diagnostics.
 
     - ``samples``: the engine's output draws; ``log_weights`` their unnormalised log-weights
-      (SNIS, Exact) or None when they are equally weighted (Rejection, QRS, BoN).
-    - ``proposal_log_weights``: ``log P − log q`` of every proposal draw, for log Ẑ, ESS and k̂;
-      ``num_accepted`` of ``num_proposed`` draws were accepted (Rejection, QRS).
+      (SNIS, Exact) or None when they are equally weighted (Rejection, QRS, BoN, a policy).
+    - ``proposal_log_weights``: ``log P − log q`` of every proposal draw (ArviZ export).
     - ``law``: log-probability of the distribution the engine samples from, where it is known
       exactly (Exact and Rejection: p; QRS: p_β; BoN: its exact law; a trained policy: π).
+    - ``policy``: the trained policy (policy engines), which `sample` draws from afresh.
+    - ``diagnostics``: `evaluate`'s `Diagnostics`, with the engine's own numbers in
+      ``diagnostics.extras`` (also `extras`); ``config``: the engine's settings;
+      ``history``: one dict of metrics per training step.
+    - ``target`` and ``context``: what was solved (the ArviZ export scores the samples).
     """
 
     def __init__(
@@ -35,36 +41,27 @@ class Posterior:
         samples: Sequences,
         *,
         engine: str,
+        diagnostics: Diagnostics,
         target: Target | None = None,
         context: Any = NO_CONTEXT,
         log_weights: torch.Tensor | None = None,
         proposal_log_weights: torch.Tensor | None = None,
         law: LogProb | None = None,
         policy: SequenceDistribution | None = None,
-        num_proposed: int | None = None,
-        num_accepted: int | None = None,
         config: dict | None = None,
         history: list[dict] | None = None,
-        exact_log_z: float | None = None,
-        estimates: dict[str, float] | None = None,
-        extras: dict[str, float] | None = None,
     ) -> None:
         self.samples = samples
         self.engine = engine
+        self.diagnostics = diagnostics
         self.target = target
         self.context = context
         self.log_weights = log_weights
         self.proposal_log_weights = proposal_log_weights
         self.law = law
         self.policy = policy
-        self.num_proposed = num_proposed
-        self.num_accepted = num_accepted
         self.config = dict(config or {})
         self.history = list(history or [])
-        self.exact_log_z = exact_log_z
-        self.estimates = dict(estimates or {})
-        self.extras = dict(extras or {})
-        self.diagnostics = Diagnostics()
 
     def __repr__(self) -> str:
         return f"Posterior(engine={self.engine}, samples={len(self.samples)})"
@@ -75,11 +72,14 @@ class Posterior:
         return self.diagnostics.log_z
 
     @property
+    def extras(self) -> dict[str, float]:
+        """The engine's own numbers (``diagnostics.extras``): BoN's bounds, DPG's running log Ẑ…"""
+        return self.diagnostics.extras
+
+    @property
     def normalised_weights(self) -> torch.Tensor:
         """Self-normalised weights of ``samples`` (uniform when unweighted)."""
-        if self.log_weights is None:
-            return torch.full((len(self.samples),), 1 / len(self.samples), dtype=torch.float64)
-        return torch.softmax(self.log_weights.double(), 0)
+        return normalised_weights(self.log_weights, len(self.samples))
 
     def log_prob(self, y: Sequences) -> torch.Tensor:
         """Log-probability of ``y`` under this posterior's law (the weighted empirical law for SNIS)."""
@@ -90,11 +90,7 @@ class Posterior:
                 f"{self.engine} posterior has no closed-form law here (non-enumerable prior); "
                 "use its samples and diagnostics"
             )
-        mass: dict[tuple, float] = {}
-        for key, w in zip(self.samples.keys(), self.normalised_weights.tolist()):
-            mass[key] = mass.get(key, 0.0) + w
-        probs = torch.tensor([mass.get(k, 0.0) for k in y.keys()], dtype=torch.float64)
-        return probs.log()
+        return empirical_log_prob(self.samples, self.log_weights, y)
 
     def sample(self, num_samples: int) -> Sequences:
         """Fresh draws from a trained policy, or a weighted resample of the stored samples."""
@@ -105,14 +101,15 @@ class Posterior:
         return self.samples[index]
 
     def summary(self) -> str:
-        """A two-column table of every diagnostic that applies."""
+        """A two-column table: the engine, its settings, every diagnostic that applies."""
         rows = [("engine", self.engine)]
+        rows += [(f"config[{k}]", _fmt(v)) for k, v in self.config.items()]
         for name, value in self.diagnostics.as_dict().items():
-            if value is None or value == {} or value == []:
+            if value is None or value == {} or value == [] or name in ("extras", "warnings"):
                 continue
             if isinstance(value, dict):
                 rows += [(f"{name}[{k}]", _fmt(v)) for k, v in value.items()]
-            elif name != "warnings":
+            else:
                 rows.append((name, _fmt(value)))
         rows += [(k, _fmt(v)) for k, v in self.extras.items()]
         width = max(len(r[0]) for r in rows)
@@ -142,14 +139,10 @@ class Posterior:
             # save_model de-duplicates tied weights (e.g. GPT-2's lm_head and embeddings).
             save_model(self.policy.module, str(path / "policy.safetensors"))
         meta = {
+            "format": FORMAT,
             "engine": self.engine,
             "config": self.config,
             "history": self.history,
-            "num_proposed": self.num_proposed,
-            "num_accepted": self.num_accepted,
-            "exact_log_z": self.exact_log_z,
-            "estimates": self.estimates,
-            "extras": self.extras,
             "diagnostics": self.diagnostics.as_dict(),
             "context": self.samples.context,
         }
@@ -167,23 +160,29 @@ class Posterior:
             if not (path / "policy.safetensors").exists():
                 raise BayesAlignError(f"{path} holds no policy weights")
             load_model(policy.module, str(path / "policy.safetensors"))
-        post = cls(
+        return cls(
             samples,
             engine=meta["engine"],
+            diagnostics=_saved_diagnostics(meta),
             log_weights=tensors.get("log_weights"),
             proposal_log_weights=tensors.get("proposal_log_weights"),
             policy=policy,
             law=policy.log_prob if policy is not None else None,
-            num_proposed=meta["num_proposed"],
-            num_accepted=meta["num_accepted"],
             config=meta["config"],
             history=meta["history"],
-            exact_log_z=meta["exact_log_z"],
-            estimates=meta["estimates"],
-            extras=meta["extras"],
         )
-        post.diagnostics = Diagnostics(**meta["diagnostics"])
-        return post
+
+
+def _saved_diagnostics(meta: dict) -> Diagnostics:
+    """The saved diagnostics; format 1 (no ``format`` key) kept the engine's extras beside them.
+
+    Format 1's other numbers (``num_proposed``, ``num_accepted``, ``exact_log_z``,
+    ``estimates``) were inputs of `evaluate` and are already in its saved diagnostics.
+    """
+    diagnostics = Diagnostics(**meta["diagnostics"])
+    if meta.get("format", 1) == 1:
+        diagnostics.extras = dict(meta.get("extras") or {})
+    return diagnostics
 
 
 def _fmt(value: object) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .errors import InvalidSequencesError
+
 Decoder = Callable[[list[list[int]]], list[str]]
 
 
@@ -45,11 +47,16 @@ class Sequences:
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
-            raise ValueError(f"Sequences.tokens must be [batch, length], got {tuple(self.tokens.shape)}")
+            raise InvalidSequencesError(
+                f"Sequences.tokens must be [batch, length], got shape {tuple(self.tokens.shape)}"
+            )
         if self.mask is None:
             self.mask = torch.ones_like(self.tokens, dtype=torch.bool)
         if self.mask.shape != self.tokens.shape:
-            raise ValueError("Sequences.mask must have the shape of Sequences.tokens")
+            raise InvalidSequencesError(
+                f"Sequences.mask has shape {tuple(self.mask.shape)}; it must have the shape of "
+                f"Sequences.tokens, {tuple(self.tokens.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -114,7 +121,7 @@ class Sequences:
     def cat(batches: Sequence[Sequences], pad_token_id: int = 0) -> Sequences:
         """Concatenate batches, right-padding to the longest."""
         if not batches:
-            raise ValueError("Sequences.cat needs at least one batch")
+            raise InvalidSequencesError("Sequences.cat got no batches; it needs at least one")
         width = max(b.tokens.shape[1] for b in batches)
 
         def pad(t: torch.Tensor, value: int | bool) -> torch.Tensor:

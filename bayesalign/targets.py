@@ -194,10 +194,6 @@ class Target:
             out[rows] = prior.log_prob(y[rows]).detach().double().cpu()
         return out.to(y.device)
 
-    def moment_sites(self, y: Sequences, context: Any = NO_CONTEXT) -> dict[str, FactorSite]:
-        """The declared moment sites evaluated on ``y`` (φ and μ̄ in ``metadata``)."""
-        return {n: s for n, s in self.factors(y, context).items() if s.kind == "moment"}
-
     def with_lambdas(self, lambdas: dict[str, torch.Tensor]) -> Target:
         """This target with moment sites set to ``λ·φ`` (the fitted distributional EBM)."""
         return Target(self.model, {**self.lambdas, **lambdas})

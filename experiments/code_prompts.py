@@ -161,7 +161,7 @@ def evaluate_prompt(target: ba.Target, prior: CausalLM, policies: dict[str, Caus
     add("BestOfN", bon.samples, kl=bon.extras["kl_bound"])
     try:
         qrs = QRS(qrs_beta=sizes.qrs_beta, num_samples=sizes.outputs,
-                  batch_size=sizes.qrs_proposals, max_proposals=sizes.qrs_proposals)
+                  chunk_size=sizes.qrs_proposals, max_proposals=sizes.qrs_proposals)
         post = qrs.fit(target, prompt)
         add("QRS", post.samples, f"acceptance {post.diagnostics.acceptance_rate:.2f}")
     except EmptySupportError:

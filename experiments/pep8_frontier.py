@@ -112,7 +112,7 @@ def run_engines(prior: CausalLM, kl_coef: float, sizes: Sizes) -> list[dict]:
     def add(engine: str, samples, kl: float, **extra) -> None:
         rows.append(_row(kl_coef, engine, samples, kl, **extra))
 
-    rejection = Rejection(bound=1.0, num_samples=sizes.samples, batch_size=4 * sizes.samples,
+    rejection = Rejection(bound=1.0, num_samples=sizes.samples, chunk_size=4 * sizes.samples,
                           max_proposals=200 * sizes.samples).fit(target)
     d = rejection.diagnostics
     add("Rejection", rejection.samples, _gibbs_kl(target, rejection.samples, kl_coef, d.log_z),
@@ -122,7 +122,7 @@ def run_engines(prior: CausalLM, kl_coef: float, sizes: Sizes) -> list[dict]:
         _gibbs_kl(target, importance.samples, kl_coef, importance.diagnostics.log_z),
         ess_fraction=importance.diagnostics.ess_fraction)
     qrs = QRS(qrs_beta=sizes.qrs_beta, num_samples=sizes.samples,
-              batch_size=4 * sizes.samples).fit(target)
+              chunk_size=4 * sizes.samples).fit(target)
     reward = target.factors(qrs.samples)["pep8"].value.double()
     log_clip = torch.clamp(reward / kl_coef, max=math.log(sizes.qrs_beta))
     log_z_beta = math.log(qrs.diagnostics.acceptance_rate * sizes.qrs_beta)

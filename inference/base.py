@@ -1,4 +1,5 @@
-"""What every engine shares: drawing proposals in chunks, log-weights, vocabulary checks."""
+"""What every engine shares: the `Engine` protocol, proposals drawn in chunks, log-weights,
+vocabulary checks."""
 
 from __future__ import annotations
 
@@ -9,16 +10,32 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import VocabularyMismatchError
+from bayesalign.errors import ConfigError, VocabularyMismatchError
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 
 
 class Engine(Protocol):
-    """Construct with hyperparameters; ``fit(target, context)`` returns a `Posterior`."""
+    """Construct with hyperparameters; ``fit`` returns a `Posterior`, built complete.
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior: ...
+    ``context`` is the one context to solve (NO_CONTEXT: an unconditional target);
+    ``contexts`` several, which policy engines train amortised over (CDPG) and sampling
+    engines refuse (they solve one context per fit). Giving both is a `ConfigError`.
+    """
+
+    def fit(
+        self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None
+    ) -> Posterior: ...
+
+
+def one_context(engine: str, contexts: Any) -> None:
+    """Sampling engines solve one context per fit: refuse ``contexts=``."""
+    if contexts is not None:
+        raise ConfigError(
+            f"{engine}: contexts= is for policy engines; sampling engines solve one context "
+            f"per fit: call fit(target, context) once for each context"
+        )
 
 
 def resolve_proposal(
@@ -61,12 +78,13 @@ def weighted_draws(
     return draws, log_score - log_q
 
 
-def batches(total: int, batch_size: int, description: str) -> Iterator[int]:
-    """Batch sizes summing to ``total``, with a progress bar on interactive terminals."""
+def batches(total: int, chunk_size: int, description: str) -> Iterator[int]:
+    """Chunk sizes (at most ``chunk_size``) summing to ``total``, with a progress bar on
+    interactive terminals."""
     with tqdm(total=total, desc=description, disable=None, leave=False) as bar:
         done = 0
         while done < total:
-            size = min(batch_size, total - done)
+            size = min(chunk_size, total - done)
             yield size
             done += size
             bar.update(size)

@@ -9,7 +9,7 @@ Beirami et al.'s formula when rewards are distinct. ``log n − (n−1)/n`` boun
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,12 +17,13 @@ import torch
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, require_positive
 from bayesalign.evaluation import evaluate
+from bayesalign.options import renamed_options
 from bayesalign.posterior import Posterior
 from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 
-from .base import batches, resolve_proposal
+from .base import batches, one_context, resolve_proposal
 
 
 def best_of_n_kl_bound(n: int) -> float:
@@ -42,21 +43,23 @@ def best_of_n_log_law(rewards: torch.Tensor, log_q: torch.Tensor, n: int) -> tor
     return (level_law[level_of] * q / level_mass[level_of]).log()
 
 
+@renamed_options(batch_size="chunk_size")
 @dataclass
 class BestOfN:
     """Best-of-n sampling on a reward: a named factor site's value, or the whole log-potential."""
 
-    n: int = 4
-    reward: str | None = None
-    num_samples: int = 1000
-    proposal: SequenceDistribution | None = None
-    batch_size: int = 4096
+    n: int = 4  # draws per returned sample
+    reward: str | None = None  # factor site to maximise; None: the whole log-potential
+    num_samples: int = 1000  # samples returned (n times as many proposals)
+    proposal: SequenceDistribution | None = None  # q; the prior by default
+    chunk_size: int = 4096  # proposals drawn and scored at once (whole groups of n)
     seed: int | None = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
             raise ConfigError(f"BestOfN: n must be a positive integer, got {self.n}")
         require_positive("num_samples", self.num_samples)
+        require_positive("chunk_size", self.chunk_size)
 
     def _rewards(self, target: Target, y: Sequences, context: Any) -> torch.Tensor:
         if self.reward is None:
@@ -69,12 +72,13 @@ class BestOfN:
             )
         return sites[self.reward].value.double()
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
+        one_context("BestOfN", contexts)
         _, proposal = resolve_proposal(target, self.proposal, context)
-        groups_per_batch = max(1, self.batch_size // self.n)
+        groups_per_chunk = max(1, self.chunk_size // self.n)
         chosen: list[Sequences] = []
         with seeded(self.seed):
-            for groups in batches(self.num_samples, groups_per_batch, "BestOfN"):
+            for groups in batches(self.num_samples, groups_per_chunk, "BestOfN"):
                 draws = proposal.sample_batch(groups * self.n)
                 rewards = self._rewards(target, draws, context).reshape(groups, self.n)
                 best = rewards.argmax(-1) + torch.arange(groups) * self.n
@@ -90,11 +94,12 @@ class BestOfN:
                 values = [table.get(k, -math.inf) for k in y.keys()]
                 return torch.tensor(values, dtype=torch.float64)
 
-        posterior = Posterior(
-            Sequences.cat(chosen), engine="BestOfN", target=target, context=context, law=law,
-            num_proposed=self.num_samples * self.n,
-            config={"n": self.n, "reward": self.reward, "num_samples": self.num_samples},
+        samples = Sequences.cat(chosen)
+        diagnostics = replace(
+            evaluate(target, samples, context=context, law=law,
+                     num_proposed=self.num_samples * self.n),
             extras={"kl_bound": best_of_n_kl_bound(self.n), "win_rate_bound": self.n / (self.n + 1)},
         )
-        posterior.diagnostics = evaluate(target, posterior)
-        return posterior
+        return Posterior(samples, engine="BestOfN", diagnostics=diagnostics, target=target,
+                         context=context, law=law,
+                         config={"n": self.n, "reward": self.reward, "num_samples": self.num_samples})

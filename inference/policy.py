@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -107,23 +107,23 @@ def _evaluated(
     extras: dict[str, float] | None,
 ) -> Posterior:
     """The policy's `Posterior` for one context, with its diagnostics."""
-    conditional = policy if context is NO_CONTEXT else policy.given(context)
+    conditional = policy.given(context)
     with torch.no_grad():
         samples = conditional.sample_batch(num_samples)
-    post = Posterior(samples, engine=engine, target=target, context=context,
-                     policy=conditional, law=conditional.log_prob, history=history,
-                     config=config)
     try:
-        post.diagnostics = evaluate(target, post, num_samples)
+        diagnostics = evaluate(target, samples, context=context, law=conditional.log_prob,
+                               policy=conditional, eval_samples=num_samples)
     except EmptySupportError as error:
         if not several_contexts:
             raise
         # One context whose draws all violate a constraint must not discard the trained
         # policy; its distances are unknown, so the context averages leave them out (None).
-        post.diagnostics = Diagnostics(num_samples=num_samples,
-                                       warnings=[f"context {context!r}: {error}"])
-    post.extras = dict(extras or {})
-    return post
+        diagnostics = Diagnostics(num_samples=num_samples,
+                                  warnings=[f"context {context!r}: {error}"])
+    diagnostics = replace(diagnostics, extras=dict(extras or {}))
+    return Posterior(samples, engine=engine, diagnostics=diagnostics, target=target,
+                     context=context, policy=conditional, law=conditional.log_prob,
+                     history=history, config=config)
 
 
 def finish(
@@ -140,25 +140,26 @@ def finish(
     """The trained policy as a `Posterior`, evaluated per context and averaged over contexts.
 
     The evaluation draws are seeded like training, so a fit's diagnostics do not depend on
-    what ran before it in the process.
+    what ran before it in the process. With several contexts the diagnostics are context
+    averages, ``extras`` also holds each context's ``kl_target_policy`` and ``log_z``, and the
+    samples are the first context's.
     """
     with seeded(seed):
         per_context = [_evaluated(target, policy, engine, context, len(contexts) > 1, history,
                                   config, num_samples, extras) for context in contexts]
     if len(per_context) == 1:
         return per_context[0]
-    combined = per_context[0]
-    combined.context = NO_CONTEXT
-    extras = {
+    by_context = {
         f"{name}[{context}]": getattr(p.diagnostics, name)
         for context, p in zip(contexts, per_context)
         for name in ("kl_target_policy", "log_z")
         if getattr(p.diagnostics, name) is not None
     }
-    combined.diagnostics = _average([p.diagnostics for p in per_context])
-    combined.extras = {**extras, **(combined.extras)}
-    combined.policy, combined.law = policy, None
-    return combined
+    diagnostics = replace(_average([p.diagnostics for p in per_context]),
+                          extras={**by_context, **(extras or {})})
+    return Posterior(per_context[0].samples, engine=engine, diagnostics=diagnostics,
+                     target=target, context=NO_CONTEXT, policy=policy, history=history,
+                     config=config)
 
 
 def _average(items: list[Diagnostics]) -> Diagnostics:
@@ -177,5 +178,7 @@ def _average(items: list[Diagnostics]) -> Diagnostics:
             continue
         columns = zip(*(d.moments[key] for d in items))
         out.moments[key] = [sum(c) / len(items) for c in columns]
+    sources = {d.distances_from for d in items}
+    out.distances_from = sources.pop() if len(sources) == 1 else None
     out.warnings = [w for d in items for w in d.warnings]
     return out

@@ -8,7 +8,7 @@ below it they follow ``p_β ∝ min(P, β_q q)`` (QRS, whose distance to p shrin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,28 +16,29 @@ import torch
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, EmptySupportError, require_positive
 from bayesalign.evaluation import evaluate
+from bayesalign.options import renamed_options
 from bayesalign.posterior import Posterior
 from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 
-from .base import batches, resolve_proposal, weighted_draws
+from .base import batches, one_context, resolve_proposal, weighted_draws
 
 
 @dataclass
 class _AcceptReject:
     """Shared loop: draw from q, accept with ``min(1, w/M)``, until enough are accepted."""
 
-    num_samples: int = 1000
-    proposal: SequenceDistribution | None = None
-    batch_size: int = 4096
+    num_samples: int = 1000  # accepted draws returned
+    proposal: SequenceDistribution | None = None  # q; the prior by default
+    chunk_size: int = 4096  # proposals drawn and scored at once
     max_proposals: int | None = None
     seed: int | None = 0
     name: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         require_positive("num_samples", self.num_samples)
-        require_positive("batch_size", self.batch_size)
+        require_positive("chunk_size", self.chunk_size)
         if self.max_proposals is not None:
             require_positive("max_proposals", self.max_proposals)
 
@@ -45,11 +46,13 @@ class _AcceptReject:
         raise NotImplementedError
 
     def _check(self, draws: Sequences, log_w: torch.Tensor, offset: int) -> None:
-        """Engine-specific check of each batch of log-weights (Rejection checks its bound)."""
+        """Engine-specific check of each chunk of log-weights (Rejection checks its bound)."""
 
     def _run(
         self, target: Target, context: Any
-    ) -> tuple[Sequences, torch.Tensor, int, int, SequenceDistribution]:
+    ) -> tuple[Sequences, torch.Tensor, int, SequenceDistribution]:
+        """The first ``num_samples`` accepted draws, the log-weights of every proposal, the
+        number accepted and the proposal."""
         prior, proposal = resolve_proposal(target, self.proposal, context)
         log_m = self._log_envelope()
         limit = self.max_proposals or 1000 * self.num_samples
@@ -57,7 +60,7 @@ class _AcceptReject:
         all_log_w: list[torch.Tensor] = []
         num_accepted = proposed = 0
         with seeded(self.seed):
-            for size in batches(limit, self.batch_size, self.name):
+            for size in batches(limit, self.chunk_size, self.name):
                 draws, log_w = weighted_draws(target, prior, proposal, size, context)
                 self._check(draws, log_w, proposed)
                 accept = torch.rand(size, dtype=torch.float64).log() < (log_w - log_m).cpu()
@@ -75,10 +78,15 @@ class _AcceptReject:
                 "below 1/proposals); check the constraints or raise max_proposals"
             )
         samples = Sequences.cat(accepted)[: self.num_samples]
-        return samples, torch.cat(all_log_w), num_accepted, proposed, proposal
+        return samples, torch.cat(all_log_w), num_accepted, proposal
 
     def _exact_law(self, target: Target, context: Any, proposal: SequenceDistribution):
-        """``log min(P, M q) − log Z_M`` on enumerable worlds (= log p when M ≥ max P/q)."""
+        """``log min(P, M q) − log Z_M`` on enumerable worlds (= log p when M ≥ max P/q).
+
+        The law the engine declares, a theorem about the sampler: the diagnostics' distances
+        come from it (``distances_from="law"``), so they say nothing about the draws; the
+        tests compare the draws with it (χ²).
+        """
         if not target.is_enumerable(context):
             return None
         support = target.support(context)
@@ -92,6 +100,7 @@ class _AcceptReject:
         return lambda y: log_clipped(y) - log_z_m
 
 
+@renamed_options(batch_size="chunk_size")
 @dataclass
 class Rejection(_AcceptReject):
     """Exact rejection sampling with envelope ``bound`` = M ≥ max P/q; errors if a draw exceeds it."""
@@ -116,23 +125,23 @@ class Rejection(_AcceptReject):
                 "(acceptance rate = Z/bound) or use QRS, which allows it"
             )
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
+        one_context(self.name, contexts)
         _, proposal = resolve_proposal(target, self.proposal, context)
         if target.is_enumerable(context):
             support = target.support(context)
             self._check(support, target.log_score(support, context)
                         - proposal.log_prob(support).detach().double(), 0)
-        samples, log_w, accepted, proposed, proposal = self._run(target, context)
-        posterior = Posterior(
-            samples, engine=self.name, target=target, context=context,
-            proposal_log_weights=log_w, law=self._exact_law(target, context, proposal),
-            num_proposed=proposed, num_accepted=accepted,
-            config={"bound": self.bound, "num_samples": self.num_samples},
-        )
-        posterior.diagnostics = evaluate(target, posterior)
-        return posterior
+        samples, log_w, accepted, proposal = self._run(target, context)
+        law = self._exact_law(target, context, proposal)
+        diagnostics = evaluate(target, samples, context=context, law=law,
+                               proposal_log_weights=log_w, num_accepted=accepted)
+        return Posterior(samples, engine=self.name, diagnostics=diagnostics, target=target,
+                         context=context, proposal_log_weights=log_w, law=law,
+                         config={"bound": self.bound, "num_samples": self.num_samples})
 
 
+@renamed_options(batch_size="chunk_size")
 @dataclass
 class QRS(_AcceptReject):
     """Quasi-rejection sampling: accept with ``min(1, P/(β_q q))``; exact as β_q → max P/q."""
@@ -147,19 +156,21 @@ class QRS(_AcceptReject):
     def _log_envelope(self) -> float:
         return math.log(self.qrs_beta)
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
-        samples, log_w, accepted, proposed, proposal = self._run(target, context)
-        curve = qrs_estimates(log_w, [self.qrs_beta])
-        posterior = Posterior(
-            samples, engine=self.name, target=target, context=context,
-            proposal_log_weights=log_w, law=self._exact_law(target, context, proposal),
-            num_proposed=proposed, num_accepted=accepted,
-            config={"qrs_beta": self.qrs_beta, "num_samples": self.num_samples},
-            estimates={"tvd": curve.tvd[0], "kl_target_policy": curve.kl[0]},
-            extras={"qrs_beta": self.qrs_beta},
-        )
-        posterior.diagnostics = evaluate(target, posterior)
-        return posterior
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
+        one_context(self.name, contexts)
+        samples, log_w, accepted, proposal = self._run(target, context)
+        law = self._exact_law(target, context, proposal)
+        diagnostics = evaluate(target, samples, context=context, law=law,
+                               proposal_log_weights=log_w, num_accepted=accepted)
+        if diagnostics.tvd is None:
+            # No law to enumerate: the distances are SPEC §4.2's estimates of TVD(p, p_β) and
+            # KL(p‖p_β) from the proposal draws.
+            curve = qrs_estimates(log_w, [self.qrs_beta])
+            diagnostics = replace(diagnostics, tvd=curve.tvd[0], kl_target_policy=curve.kl[0],
+                                  distances_from="proposal draws")
+        return Posterior(samples, engine=self.name, diagnostics=diagnostics, target=target,
+                         context=context, proposal_log_weights=log_w, law=law,
+                         config={"qrs_beta": self.qrs_beta, "num_samples": self.num_samples})
 
     def sweep(
         self, target: Target, qrs_betas: list[float], context: Any = NO_CONTEXT,

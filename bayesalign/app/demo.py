@@ -134,7 +134,7 @@ def _row(label: str, posterior: ba.Posterior, seconds: float) -> dict[str, Any]:
     """One table row: the posterior's diagnostics, flattened, with its label and run time."""
     d = posterior.diagnostics
     row = {"engine": posterior.engine, "label": label, "seconds": seconds,
-           **{k: v for k, v in d.as_dict().items() if k not in ("rewards", "moments")}}
+           **{k: v for k, v in d.as_dict().items() if k not in ("rewards", "moments", "extras")}}
     row.update({f"E[{name}]": value for name, value in d.rewards.items()})
     row.update({f"P[{name}]": values[0] for name, values in d.moments.items()})
     return row
@@ -145,9 +145,9 @@ def run_toy_a(sizes: DemoSizes) -> dict[str, Any]:
     target = toy_a_target(kl_coef=1.0)
     exact, seconds = _timed(lambda: Exact().fit(target))
     rows = [_row("Exact", exact, seconds)]
-    prior_law = ba.Posterior(exact.samples, engine="prior", target=target,
-                             law=target.prior().log_prob)
-    prior_law.diagnostics = ba.evaluate(target, prior_law)
+    prior = target.prior().log_prob
+    prior_law = ba.Posterior(exact.samples, engine="prior", target=target, law=prior,
+                             diagnostics=ba.evaluate(target, exact.samples, law=prior))
     rows.insert(0, _row("prior a (no inference)", prior_law, 0.0))
     bound = rejection_bound(exact)
     n = sizes.toy_samples
@@ -197,11 +197,11 @@ def run_code_lm(sizes: DemoSizes) -> dict[str, Any]:
     bound = 1.0
     batch = sizes.lm_batch
     engines = [
-        ("Importance", Importance(num_samples=sizes.lm_importance, batch_size=batch)),
+        ("Importance", Importance(num_samples=sizes.lm_importance, chunk_size=batch)),
         (f"QRS β_q={LM_QRS_BETA:g}",
-         QRS(qrs_beta=LM_QRS_BETA, num_samples=sizes.lm_accepted, batch_size=batch)),
-        ("BestOfN n=4", BestOfN(n=4, num_samples=sizes.lm_accepted, batch_size=batch)),
-        ("Rejection M=1", Rejection(bound=bound, num_samples=sizes.lm_rejection, batch_size=batch)),
+         QRS(qrs_beta=LM_QRS_BETA, num_samples=sizes.lm_accepted, chunk_size=batch)),
+        ("BestOfN n=4", BestOfN(n=4, num_samples=sizes.lm_accepted, chunk_size=batch)),
+        ("Rejection M=1", Rejection(bound=bound, num_samples=sizes.lm_rejection, chunk_size=batch)),
     ]
     rows, posteriors = [], {}
     for label, engine in engines:

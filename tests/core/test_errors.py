@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import toy_a_prior
+from conftest import conditional_world, toy_a_prior
 
 import bayesalign as ba
 from bayesalign.errors import (
@@ -14,11 +14,13 @@ from bayesalign.errors import (
     EmptySupportError,
     InvalidDistributionError,
     InvalidFactorError,
+    InvalidSequencesError,
     InvalidTargetError,
     VocabularyMismatchError,
 )
 from bayesalign.inference import QRS, BestOfN, Exact, Importance, Rejection
 from bayesalign.models import TabularLM
+from bayesalign.sequences import Sequences
 
 
 def impossible_target():
@@ -35,7 +37,7 @@ def impossible_target():
 def test_all_samples_violate_a_constraint():
     target = impossible_target()
     with pytest.raises(EmptySupportError, match="no sample accepted out of 2000 proposals"):
-        Rejection(bound=1.0, num_samples=2, max_proposals=2000, batch_size=500).fit(target)
+        Rejection(bound=1.0, num_samples=2, max_proposals=2000, chunk_size=500).fit(target)
     with pytest.raises(EmptySupportError, match="all 300 importance weights are zero"):
         Importance(num_samples=300).fit(target)
     with pytest.raises(EmptySupportError, match="all 27 sequences"):
@@ -102,6 +104,38 @@ def test_proposal_with_another_vocabulary(toy_a):
                    Importance(proposal=other), BestOfN(proposal=other)):
         with pytest.raises(VocabularyMismatchError, match="differs from the prior's"):
             engine.fit(toy_a)
+
+
+SAMPLERS = [Exact, lambda: Rejection(bound=30.0), QRS, Importance, BestOfN]
+
+
+@pytest.mark.parametrize("make", SAMPLERS)
+def test_sampling_engines_solve_one_context_per_fit(make):
+    target = conditional_world()
+    with pytest.raises(ConfigError, match="sampling engines solve one context per fit"):
+        make().fit(target, contexts=["a", "b"])
+    with pytest.raises(ConfigError, match="one context per fit"):
+        make().fit(target, "a", contexts=["b"])
+
+
+@pytest.mark.parametrize("engine", [Rejection, QRS, Importance, BestOfN])
+def test_batch_size_is_the_old_name_of_chunk_size(engine):
+    deprecated = rf"{engine.__name__}\(batch_size=...\) is deprecated.*use chunk_size="
+    with pytest.warns(DeprecationWarning, match=deprecated):
+        assert engine(batch_size=8).chunk_size == 8
+    with pytest.raises(ConfigError, match="batch_size= is the old name of chunk_size="):
+        engine(batch_size=8, chunk_size=8)
+    with pytest.raises(ConfigError, match="chunk_size must be > 0"):
+        engine(chunk_size=0)
+
+
+def test_malformed_sequences_name_the_shapes():
+    with pytest.raises(InvalidSequencesError, match=r"tokens must be \[batch, length\], got shape \(3,\)"):
+        Sequences(tokens=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(InvalidSequencesError, match=r"mask has shape \(2, 2\).*tokens, \(2, 3\)"):
+        Sequences(tokens=torch.zeros(2, 3, dtype=torch.long), mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(InvalidSequencesError, match="got no batches"):
+        Sequences.cat([])
 
 
 @pytest.mark.parametrize("make", [

@@ -83,9 +83,9 @@ def test_rejection_on_a_corpus_filters_the_dataset(tmp_path):
     corpus = Corpus(write_corpus(tmp_path / "c"), segment="line")
     passing = [s for s in corpus.segments if "bad" not in s]
     exact = len(passing) / len(corpus.segments)  # 78/120
-    post = Rejection(num_samples=2000, bound=1.0, batch_size=512, seed=0).fit(no_bad_target(corpus))
+    post = Rejection(num_samples=2000, bound=1.0, chunk_size=512, seed=0).fit(no_bad_target(corpus))
     rate = post.diagnostics.acceptance_rate
-    se = math.sqrt(exact * (1 - exact) / post.num_proposed)
+    se = math.sqrt(exact * (1 - exact) / post.diagnostics.num_proposed)
     assert abs(rate - exact) < 4 * se  # 4 standard errors: about 0.04 here
     assert all("bad" not in t for t in post.samples.text)
     assert post.diagnostics.moments["no_bad"][0] == pytest.approx(1.0)

@@ -205,7 +205,7 @@ def test_preference_model_as_a_factor_in_a_target():
         y = pyro.sample("y", prior)
         pyro.factor("pm", rm(y) / kl_coef)
 
-    posterior = Importance(num_samples=24, batch_size=24, seed=0).fit(preferred)
+    posterior = Importance(num_samples=24, chunk_size=24, seed=0).fit(preferred)
     torch.testing.assert_close(posterior.log_weights, rm(posterior.samples) / kl_coef)
     assert posterior.diagnostics.ess > 1
 
@@ -216,5 +216,5 @@ def test_preference_model_as_a_factor_in_a_target():
         y = pyro.sample("y", prior)
         ba.reward("good", ba.log_sigmoid_centered(rm(y), reference), kl_coef=kl_coef)
 
-    log_w = Importance(num_samples=24, batch_size=24, seed=0).fit(probably_good).log_weights
+    log_w = Importance(num_samples=24, chunk_size=24, seed=0).fit(probably_good).log_weights
     assert torch.isfinite(log_w).all() and (log_w < 0).all()  # log σ(·) / β < 0
