@@ -92,7 +92,8 @@ class Pretraining(TrainingConfig):
     score_batch_size: int = 256  # segments per call of the factor sites (about)
     warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps
     lr_decay_steps: int | None = None  # cosine decay to 10% by this step; None: constant
-    eval_every: int = 50  # steps between held-out losses (a corpus with split="train" only)
+    eval_every: int | None = None  # steps between held-out losses, measured on the held-out
+    # split of a corpus with split="train" (and at the end); None: none
     eval_blocks: int = 64  # held-out blocks per evaluation
     eval_samples: int = 64  # posterior samples drawn for the diagnostics
     max_new_tokens: int | None = None  # tokens per posterior sample; None: as many as the
@@ -123,11 +124,15 @@ class Pretraining(TrainingConfig):
         if not 0 <= self.awr_alpha <= 1:
             raise ConfigError(f"awr_alpha must be in [0, 1], got {self.awr_alpha}")
         self.block_size = self.block_size or PRESETS[self.preset].block_size
-        prompt = 2 if self.objective == "conditional" else 0  # EOS <|good|>: EOS is position 0
+        # Unconditional samples start from EOS and fill the context; conditional's prompt is
+        # EOS <|good|>.
+        prompt = 2 if self.objective == "conditional" else 0
         self.max_new_tokens = self.max_new_tokens or self.block_size - prompt
         for name in ("awr_beta", "unlikelihood_alpha", "score_batch_size", "eval_samples",
-                     "max_new_tokens", "block_size", "eval_every", "eval_blocks"):
+                     "max_new_tokens", "block_size", "eval_blocks"):
             require_positive(name, getattr(self, name))
+        if self.eval_every is not None:
+            require_positive("eval_every", self.eval_every)
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:

@@ -7,8 +7,8 @@ on disk (SQLite) keyed by the scorer's identity and the segment's content, so a 
 second objective on the same corpus, scores nothing twice. The token file is ``EOS d1 EOS d2 …``
 (as ``bayesalign pretrain`` writes it) with, for conditional training, one control token before
 each segment; a float32 file beside it holds each token's segment reward, and the same block
-indices read both. A corpus that is a training split (``split="train"``) also gets its held-out
-complement's tokens (untagged, unscored: held-out loss is the corpus NLL).
+indices read both. With ``eval_every`` set, a corpus that is a training split (``split="train"``)
+also gets its held-out complement's tokens (untagged, unscored: held-out loss is the corpus NLL).
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def prepare(config: Pretraining, target: Target, corpus: Corpus, context: Any,
                 "tokenizer": None if tokenizer is None else vocabulary_digest(tokenizer),
                 **{k: getattr(config, k) for k in ("objective", "threshold_quantile",
                                                    "drop_token_fraction", "unlikelihood_mode",
-                                                   "preset", "seed")}}
+                                                   "preset", "seed")},
+                "heldout": corpus.split == "train" and config.eval_every is not None}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(config.data_dir)
     folder = root / f"{config.objective}-{digest}"
@@ -249,7 +250,7 @@ def _write(config: Pretraining, target: Target, corpus: Corpus, context: Any, to
             count["documents_kept"] += 1
     if count["documents_kept"] == 0:
         raise ConfigError(f"{config.objective}: no document passes the threshold {threshold}")
-    if corpus.split == "train":
+    if corpus.split == "train" and config.eval_every is not None:
         texts = ("".join(doc) for doc in corpus.heldout().documents())
         count["heldout"] = write_tokens(texts, tokenizer, folder / "heldout.bin", dtype)
         if count["heldout"]["documents"] == 0:

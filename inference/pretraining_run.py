@@ -95,8 +95,9 @@ def pretrain(output: str | Path, *, corpus: str | Path | None = None, target: st
         prior = Corpus(corpus, segment="document", split="train", seed=options.get("seed", 0),
                        heldout_fraction=heldout_fraction, segment_python=True)
         found = corpus_target(prior)
-        # The preset's warm-up, as the recipe of the bundled prior was trained.
+        # The preset's warm-up, as the bundled prior was trained, and a held-out curve for the card.
         options.setdefault("warmup_steps", PRESETS[options.get("preset", "tiny")].warmup_steps)
+        options.setdefault("eval_every", 50)
     else:
         found = load_target(target)
     output = Path(output)
