@@ -29,13 +29,12 @@ from pathlib import Path
 
 from bayesalign.errors import ConfigError
 
-from .tiny import NOT_STDLIB
-
 # Suffix → the ``datasets`` builder that reads it.
 LOADERS = {".py": "text", ".txt": "text", ".json": "json", ".jsonl": "json"}
 TEXT_COLUMNS = ("text", "content")  # a JSON record's text, in order of preference
 _SNIFF_BYTES = 8192
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages"}  # folders left out
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class CorpusSource:
 
 
 def stdlib_files() -> list[Path]:
-    """The running interpreter's standard-library sources, tests excluded (as ``stdlib_texts``)."""
+    """The running interpreter's standard-library sources, tests excluded."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(
         path for path in root.rglob("*.py")
