@@ -85,7 +85,7 @@ def report(rates: dict[str, list[float]], unit: str, baseline: str) -> None:
 
 def training_throughput(args: argparse.Namespace, target: ba.Target, data_dir: Path) -> None:
     shared = {"preset": args.preset, "batch_size": args.batch_size, "block_size": args.block_size,
-              "data_dir": str(data_dir), "progress": False, "num_samples": 1,
+              "data_dir": str(data_dir), "progress": False, "eval_samples": 1,
               "max_new_tokens": 4, "seed": 0}
     engines = {objective: Pretraining(objective=objective, steps=args.steps, **shared)
                for objective in ("mle", "conditional")}

@@ -128,7 +128,8 @@ def engine(objective: str, sizes: Sizes, policy: CausalLM, data_dir: Path) -> Pr
         drop_token_fraction=DROP_TOKEN_FRACTION, unlikelihood_mode="hard",
         unlikelihood_alpha=UNLIKELIHOOD_ALPHA, awr_alpha=AWR_ALPHA,
         awr_beta=AWR_BETA if objective == "awr" else RWR_BETA,
-        num_samples=DIAGNOSTIC_SAMPLES, progress=False,
+        eval_samples=DIAGNOSTIC_SAMPLES, progress=False,
+        max_new_tokens=sizes.block_size - 2,  # every objective's samples as long as conditional's
     )
 
 

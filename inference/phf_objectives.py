@@ -38,13 +38,6 @@ def mle_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> 
     return _masked_mean(-token_log_probs(logits, tokens), mask)
 
 
-def filtering_loss(
-    logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """MLE on the documents that pass the filter (``keep [B]``): rejection sampling, then MLE."""
-    return mle_loss(logits, tokens, mask & keep[:, None].to(mask.device))
-
-
 def unlikelihood_loss(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -78,10 +71,11 @@ def unlikelihood_loss(
 
 def rwr_loss(
     logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-    *, awr_beta: float = 10.0,
+    *, awr_beta: float = 1.0,
 ) -> torch.Tensor:
     """Reward-weighted regression: −log π weighted by exp(R/β), i.e. MLE on importance weights
-    of the posterior corpus·exp(R/β) (PHF: AWR with α = 1, no value head)."""
+    of the posterior corpus·exp(R/β) (PHF: AWR with α = 1, no value head); β = 1, the default
+    as in `Pretraining`, weighs by the likelihood L = exp(R) itself."""
     if not awr_beta > 0:
         raise ConfigError(f"awr_beta must be > 0, got {awr_beta}")
     weights = torch.exp(rewards / awr_beta).clamp(max=AWR_WEIGHT_MAX)

@@ -23,14 +23,18 @@ values go into the `Posterior`'s config. Training runs through the shared `Train
 accumulation, checkpoints with exact resume): the blocks of micro-batch ``m`` of step ``t`` on
 process ``r`` are a function of (seed, t, m, r), so resuming needs no data-loader state and the
 global batch does not depend on the number of processes.
+
+``bayesalign pretrain`` is this engine: MLE on a target whose prior site is a `Corpus` training
+split (``split="train"``) and which has no factor sites. For such a corpus the held-out loss
+(nats/token of the held-out split) is measured every ``eval_every`` steps and at the end.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,27 +43,34 @@ from bayesalign.evaluation import evaluate
 from bayesalign.models.adaptors import BanTokens
 from bayesalign.models.causal_lm import CausalLM
 from bayesalign.models.corpus_prior import Corpus
-from bayesalign.models.pretraining.train import PRESETS
+from bayesalign.models.pretraining.presets import PRESETS, learning_rate_at
 from bayesalign.models.tiny import tiny_gpt2
+from bayesalign.options import renamed_options
 from bayesalign.posterior import Posterior
 from bayesalign.seeding import seeded
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer, TrainingConfig
-from bayesalign.training.checkpoints import describe_differences
 
 from .phf_objectives import awr_loss, mle_loss, rwr_loss, token_log_probs, unlikelihood_loss
 from .pretraining_data import BAD_TOKEN, GOOD_TOKEN, PreparedData, prepare
 
 OBJECTIVES = ("mle", "filtering", "conditional", "unlikelihood", "rwr", "awr")
-# Options that change what a run computes beyond TrainingConfig's (checked on resume).
+# Options recorded in the posterior's config (what the run computed).
 _RUN_OPTIONS = ("objective", "preset", "block_size", "threshold_quantile", "drop_token_fraction",
                 "new_token_init", "unlikelihood_mode", "unlikelihood_alpha", "awr_alpha",
                 "awr_beta")
 
 
+@renamed_options(num_samples="eval_samples")
 @dataclass
 class Pretraining(TrainingConfig):
     """Train a causal LM on a `Corpus` target with one PHF objective (one line per option)."""
+
+    # Where data and scores are kept, what is sampled and how often the held-out loss is
+    # measured: a resumed run may change these (every other option must match the checkpoint's).
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = TrainingConfig.RESUMABLE_CHANGES + (
+        "data_dir", "score_cache", "score_batch_size", "eval_samples", "max_new_tokens",
+        "conditional_decoding", "eval_every", "eval_blocks")
 
     objective: str = "conditional"  # mle, filtering, conditional, unlikelihood, rwr or awr
     batch_size: int = 16  # blocks per micro-batch (per process)
@@ -79,8 +90,14 @@ class Pretraining(TrainingConfig):
     score_cache: str | None = None  # SQLite file of segment scores; None: data_dir/scores.sqlite
     scorer_id: str | None = None  # cache key of the factors; None: a digest of the target's code
     score_batch_size: int = 256  # segments per call of the factor sites (about)
-    num_samples: int = 64  # posterior samples drawn for the diagnostics
-    max_new_tokens: int | None = None  # tokens per posterior sample; None: block_size − 2
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps
+    lr_decay_steps: int | None = None  # cosine decay to 10% by this step; None: constant
+    eval_every: int | None = None  # steps between held-out losses, measured on the held-out
+    # split of a corpus with split="train" (and at the end); None: none
+    eval_blocks: int = 64  # held-out blocks per evaluation
+    eval_samples: int = 64  # posterior samples drawn for the diagnostics
+    max_new_tokens: int | None = None  # tokens per posterior sample; None: as many as the
+    # context holds after the prompt (block_size; block_size − 2 for conditional's EOS <|good|>)
 
     def __post_init__(self) -> None:
         if self.mixed_precision == "auto":
@@ -107,15 +124,29 @@ class Pretraining(TrainingConfig):
         if not 0 <= self.awr_alpha <= 1:
             raise ConfigError(f"awr_alpha must be in [0, 1], got {self.awr_alpha}")
         self.block_size = self.block_size or PRESETS[self.preset].block_size
-        # The conditioning prompt (EOS, <|good|>) takes 2 of the model's block_size positions.
-        self.max_new_tokens = self.max_new_tokens or self.block_size - 2
-        for name in ("awr_beta", "unlikelihood_alpha", "score_batch_size", "num_samples",
-                     "max_new_tokens", "block_size"):
+        # Unconditional samples start from EOS and fill the context; conditional's prompt is
+        # EOS <|good|>.
+        prompt = 2 if self.objective == "conditional" else 0
+        self.max_new_tokens = self.max_new_tokens or self.block_size - prompt
+        for name in ("awr_beta", "unlikelihood_alpha", "score_batch_size", "eval_samples",
+                     "max_new_tokens", "block_size", "eval_blocks"):
             require_positive(name, getattr(self, name))
+        if self.eval_every is not None:
+            require_positive("eval_every", self.eval_every)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
+            raise ConfigError(f"lr_decay_steps ({self.lr_decay_steps}) must exceed "
+                              f"warmup_steps ({self.warmup_steps})")
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *,
+            contexts: list | None = None) -> Posterior:
         """Prepare the scored data (once, on the main process), train, sample the posterior."""
         from accelerate import PartialState
+
+        if contexts is not None:
+            raise ConfigError("Pretraining solves one context per fit (its prior is one Corpus): "
+                              "pass context=, not contexts=")
 
         corpus = target.prior(context)
         if not isinstance(corpus, Corpus):
@@ -136,34 +167,70 @@ class Pretraining(TrainingConfig):
     def _train(self, target: Target, context: Any, corpus: Corpus,
                data: PreparedData) -> Posterior:
         model = self._model(data.tokenizer)
-        training = TrainingConfig(**{f.name: getattr(self, f.name) for f in fields(TrainingConfig)})
-        if training.learning_rate is None and self.policy is None:
-            training.learning_rate = PRESETS[self.preset].learning_rate
-        training.optimizer = training.optimizer or "adam"
-        identity = {**{k: getattr(self, k) for k in _RUN_OPTIONS}, "data": data.meta["identity"]}
         value_head = getattr(model, "value_head", None)
-        trainer = Trainer(training, CausalLM(model, data.tokenizer), f"Pretraining[{self.objective}]",
-                          state={"run": _RunIdentity(identity)}, supports_sharding=True,
+        trainer = Trainer(self._training_config(data), CausalLM(model, data.tokenizer),
+                          f"Pretraining[{self.objective}]", supports_sharding=True,
                           separately_called=() if value_head is None else (value_head,))
-        sharding = trainer.parallelism
+        run = {"sharding": trainer.parallelism, "device": str(trainer.device)}
+        peaks = [group["lr"] for group in trainer.optimizer.param_groups]
         blocks = data.blocks(self.block_size, self.seed)
+        heldout = data.heldout_blocks(self.block_size)
+        eval_set = None if heldout is None else heldout.evenly_spaced(self.eval_blocks)
         rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         threshold = data.meta["threshold"]
-        micro = {"step": -1, "index": 0}
 
         def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            micro["index"] = micro["index"] + 1 if micro["step"] == step else 0
-            micro["step"] = step
-            position = (step * self.gradient_accumulation_steps + micro["index"]) * world + rank
+            micro = trainer.micro_step
+            rate = learning_rate_at(step, 1.0, self.warmup_steps, self.lr_decay_steps)
+            for group, peak in zip(trainer.optimizer.param_groups, peaks):
+                group["lr"] = peak * rate
+            metrics = {"learning_rate": peaks[0] * rate}
+            if eval_set is not None and step % self.eval_every == 0 and micro == 0:
+                # The weights before this step's update.
+                metrics["heldout_loss"] = _heldout_loss(model, eval_set, self.batch_size,
+                                                        trainer.device)
+                self._report(trainer, step, metrics["heldout_loss"])
+            # Step t reads global blocks [t·G, (t+1)·G), G = accumulation × processes × batch;
+            # each (micro-batch, process) pair takes its own slice, so any split of G reads the
+            # same blocks.
+            position = (step * self.gradient_accumulation_steps + micro) * world + rank
             tokens, rewards = data.batch(blocks, position * self.batch_size, self.batch_size)
-            return self._loss(model, tokens.to(trainer.device), rewards.to(trainer.device),
-                              threshold)
+            loss, more = self._loss(model, tokens.to(trainer.device), rewards.to(trainer.device),
+                                    threshold)
+            return loss, {**metrics, **more}
 
         history = trainer.run(step_fn)
         model = trainer.module  # unsharded again after an FSDP run
+        if trainer.start_step > self.steps:
+            raise ConfigError(f"{self.checkpoint_dir} holds step {trainer.start_step}, past "
+                              f"steps={self.steps}; raise it or use another checkpoint_dir")
+        if eval_set is not None:
+            run["heldout_loss"] = _heldout_loss(model, eval_set, self.batch_size, trainer.device)
         if hasattr(model, "value_head"):
             del model.value_head  # trained with the policy, not part of the saved LM
-        return self._posterior(target, context, corpus, data, model.eval(), history, sharding)
+        return self._posterior(target, context, corpus, data, model.eval(), history, run)
+
+    def _training_config(self, data: PreparedData) -> TrainingConfig:
+        """The Trainer's config: TrainingConfig's options plus every option of this engine and
+        the data's identity (corpus, scorer, tokenizer) a resume must share, so the Trainer's one
+        resume check, made before any weight is read, names whichever of them changed."""
+        shared = {f.name: getattr(self, f.name) for f in fields(TrainingConfig)}
+        if shared["learning_rate"] is None and self.policy is None:
+            shared["learning_rate"] = PRESETS[self.preset].learning_rate
+        shared["optimizer"] = shared["optimizer"] or "adam"
+        run = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in shared and f.name not in (*self.RESUMABLE_CHANGES, "policy")}
+        run["data"] = data.meta["identity"]
+        config = make_dataclass("PretrainingRun", [(k, Any, field(default=None)) for k in run],
+                                bases=(TrainingConfig,))
+        return config(**shared, **run)
+
+    def _report(self, trainer: Trainer, step: int, heldout: float) -> None:
+        """One line per held-out evaluation, from the main process (the bar shows the rest)."""
+        if self.progress and trainer.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {step:>6}  held-out loss {heldout:.3f}")
 
     def _model(self, tokenizer: Any) -> torch.nn.Module:
         """The LM to train, with control-token embeddings initialised and, for AWR, a value head."""
@@ -185,8 +252,7 @@ class Pretraining(TrainingConfig):
                 for embeddings in {model.get_input_embeddings(), model.get_output_embeddings()}:
                     embeddings.weight[control] = embeddings.weight[others].mean(0)
         if self.objective == "awr":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed):
                 model.value_head = torch.nn.Linear(model.config.hidden_size, 1)
         return model
 
@@ -220,7 +286,7 @@ class Pretraining(TrainingConfig):
         return loss, metrics
 
     def _posterior(self, target: Target, context: Any, corpus: Corpus, data: PreparedData,
-                   model: torch.nn.Module, history: list[dict], sharding: dict) -> Posterior:
+                   model: torch.nn.Module, history: list[dict], run: dict) -> Posterior:
         """The trained LM as a `Posterior`; conditional training samples given ``<|good|>``."""
         tokenizer = data.tokenizer
         if self.objective == "conditional":
@@ -233,36 +299,31 @@ class Pretraining(TrainingConfig):
         else:
             policy = CausalLM(model, tokenizer, max_new_tokens=self.max_new_tokens)
         with seeded(self.seed):
-            samples = policy.sample_batch(self.num_samples)
+            samples = policy.sample_batch(self.eval_samples)
         config = {"objective": self.objective, "threshold_quantile": self.threshold_quantile,
                   "conditional_decoding": self.conditional_decoding,
                   **{k: v for k, v in data.meta.items() if k not in ("identity", "dtype")},
-                  **{k: getattr(self, k) for k in _RUN_OPTIONS}, "sharding": sharding}
-        post = Posterior(samples, engine=f"Pretraining[{self.objective}]", target=target,
-                         context=context, policy=policy, law=policy.log_prob, history=history,
-                         config=config)
+                  **{k: getattr(self, k) for k in _RUN_OPTIONS}, **run}
         # Factor sites read the samples as the corpus encodes text (the prior has no log a, so
         # only expectations of the factors are estimated); each sample is a document of its own.
         texts = samples.text
-        as_corpus = Posterior(corpus.sequences(texts, [(t, 0) for t in texts]), engine=post.engine,
-                              target=target, context=context)
-        post.diagnostics = evaluate(target, as_corpus, self.num_samples)
-        return post
+        diagnostics = evaluate(target, corpus.sequences(texts, [(t, 0) for t in texts]),
+                               context=context)
+        return Posterior(samples, engine=f"Pretraining[{self.objective}]", diagnostics=diagnostics,
+                         target=target, context=context, policy=policy, law=policy.log_prob,
+                         history=history, config=config)
 
 
-class _RunIdentity:
-    """Checkpointed with the weights: refuses to resume a run with other data or options."""
-
-    def __init__(self, identity: dict) -> None:
-        self.identity = identity
-
-    def state_dict(self) -> dict:
-        return {"identity": self.identity}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["identity"] != self.identity:
-            raise ConfigError(
-                "the checkpoint was written for other pretraining data or options "
-                f"({describe_differences(state['identity'], self.identity)}); use a new "
-                "checkpoint_dir or the same settings"
-            )
+@torch.no_grad()
+def _heldout_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int,
+                  device: torch.device) -> float:
+    """Mean next-token NLL (nats/token) of fixed held-out blocks, in batches: `mle_loss`."""
+    total = 0.0
+    for chunk in blocks.split(batch_size):
+        chunk = chunk.to(device)
+        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        # An explicit all-ones mask: packed blocks have no padding (EOS is also the pad token).
+        logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits
+        mask = torch.ones_like(targets, dtype=torch.bool)
+        total += float(mle_loss(logits, targets, mask)) * len(chunk)
+    return total / len(blocks)

@@ -7,7 +7,8 @@ on disk (SQLite) keyed by the scorer's identity and the segment's content, so a 
 second objective on the same corpus, scores nothing twice. The token file is ``EOS d1 EOS d2 …``
 (as ``bayesalign pretrain`` writes it) with, for conditional training, one control token before
 each segment; a float32 file beside it holds each token's segment reward, and the same block
-indices read both.
+indices read both. With ``eval_every`` set, a corpus that is a training split (``split="train"``)
+also gets its held-out complement's tokens (untagged, unscored: held-out loss is the corpus NLL).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import json
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +32,8 @@ import torch
 
 from bayesalign.errors import ConfigError
 from bayesalign.models.corpus_prior import Corpus, origins, vocabulary_digest
-from bayesalign.models.pretraining.tokens import Blocks
-from bayesalign.models.pretraining.train import PRESETS
+from bayesalign.models.pretraining.presets import PRESETS
+from bayesalign.models.pretraining.tokens import Blocks, batched, write_tokens
 from bayesalign.models.tiny import train_tokenizer
 from bayesalign.targets import Target
 
@@ -88,7 +88,7 @@ class ScoreCache:
             db.close()
 
     def key(self, text: str, origin: tuple[str, int] | None = None) -> str:
-        where = "" if origin is None else f"{_digest(origin[0])}\0{origin[1]}\0"
+        where = "" if origin is None else f"{_text_digest(origin[0])}\0{origin[1]}\0"
         return hashlib.sha256(f"{self.scorer_id}\0{where}{text}".encode()).hexdigest()
 
     def get(self, keys: list[str]) -> dict[str, float]:
@@ -141,6 +141,12 @@ class PreparedData:
     def blocks(self, block_size: int, seed: int) -> Blocks:
         return Blocks(self.folder / "tokens.bin", np.dtype(self.meta["dtype"]), block_size, seed)
 
+    def heldout_blocks(self, block_size: int) -> Blocks | None:
+        """The held-out complement's blocks, for a corpus that is a training split (else None)."""
+        if "heldout" not in self.meta:
+            return None
+        return Blocks(self.folder / "heldout.bin", np.dtype(self.meta["dtype"]), block_size)
+
     def batch(self, blocks: Blocks, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and per-token rewards of the blocks at training positions ``first …``."""
         rewards = np.memmap(self.folder / "rewards.bin", dtype=np.float32, mode="r")
@@ -160,7 +166,8 @@ def prepare(config: Pretraining, target: Target, corpus: Corpus, context: Any,
                 "tokenizer": None if tokenizer is None else vocabulary_digest(tokenizer),
                 **{k: getattr(config, k) for k in ("objective", "threshold_quantile",
                                                    "drop_token_fraction", "unlikelihood_mode",
-                                                   "preset", "seed")}}
+                                                   "preset", "seed")},
+                "heldout": corpus.split == "train" and config.eval_every is not None}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(config.data_dir)
     folder = root / f"{config.objective}-{digest}"
@@ -196,7 +203,7 @@ def _write(config: Pretraining, target: Target, corpus: Corpus, context: Any, to
     scores: list[float] = []
     lengths: list[int] = []  # segments per document
     scored = 0
-    for batch in _batched(corpus.documents(), max(1, config.score_batch_size // 8)):
+    for batch in batched(corpus.documents(), max(1, config.score_batch_size // 8)):
         texts = [s for doc in batch for s in doc]
         where = [o for doc in batch for o in origins(doc)] if corpus.segment_context else None
         values, new = score_segments(target, corpus, context, texts, cache, where)
@@ -243,6 +250,12 @@ def _write(config: Pretraining, target: Target, corpus: Corpus, context: Any, to
             count["documents_kept"] += 1
     if count["documents_kept"] == 0:
         raise ConfigError(f"{config.objective}: no document passes the threshold {threshold}")
+    if corpus.split == "train" and config.eval_every is not None:
+        texts = ("".join(doc) for doc in corpus.heldout().documents())
+        count["heldout"] = write_tokens(texts, tokenizer, folder / "heldout.bin", dtype)
+        if count["heldout"]["documents"] == 0:
+            raise ConfigError(f"--corpus {corpus.source.name}: the heldout split has no text; "
+                              "add files or change --heldout-fraction")
     return {**meta, **count, "threshold": threshold, "dtype": dtype.name,
             "vocab_size": len(tokenizer)}
 
@@ -289,16 +302,10 @@ def _segment_rewards(tokens: list[int], control: tuple[int, int], encoded: list[
 
 
 @functools.lru_cache(maxsize=256)  # a document's segments share one string: hash it once
-def _digest(text: str) -> str:
+def _text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _finite_mean(values: list[float]) -> float | None:
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else None
-
-
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch

@@ -1,6 +1,12 @@
-"""``bayesalign pretrain --objective … --target FILE.py:NAME``: load a target declared in Python
-(as uvicorn names an app) and train on it with `Pretraining`, writing a ``from_pretrained``
-folder, ``pretraining.json`` (options, absolute thresholds, diagnostics) and ``history.csv``.
+"""``bayesalign pretrain`` as a function: `Pretraining` run into a folder.
+
+Without a target it is maximum likelihood on a `Corpus` training split (by default this
+Python's standard library, ``.py`` files cut into top-level definitions) through a target with
+no factor sites, measured on the held-out split: a ``from_pretrained`` folder with
+``MODEL_CARD.md`` and ``card.json``. With ``--target FILE.py:NAME`` (a target declared in Python,
+as uvicorn names an app) any PHF objective trains on that target's Corpus. Every run writes
+``pretraining.json`` (options, absolute thresholds, diagnostics) and ``training/history.csv``;
+``training/`` also holds the prepared data and the checkpoints a rerun resumes from.
 
 Every process of ``accelerate launch -m bayesalign pretrain …`` runs this same function; only
 the main one prepares the data and writes files.
@@ -11,14 +17,21 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import shlex
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 
+import bayesalign as ba
 from bayesalign.errors import ConfigError
+from bayesalign.models.corpus_prior import Corpus
+from bayesalign.models.pretraining.card import model_card, write_card
+from bayesalign.models.pretraining.presets import PRESETS
 from bayesalign.targets import Target
 from bayesalign.training.history import history_to_csv
 
@@ -53,43 +66,81 @@ def load_target(spec: str) -> Target:
     return found
 
 
-def pretrain_target(options: dict[str, Any], command: str) -> Path:
-    """Run `Pretraining` with the ``bayesalign pretrain`` options; return the output folder."""
+def corpus_target(corpus: Corpus) -> Target:
+    """The target whose posterior is the corpus itself: its prior site and no factor sites."""
+
+    def corpus_only() -> None:
+        pyro.sample("y", corpus)
+
+    return ba.target(corpus_only)
+
+
+def pretrain(output: str | Path, *, corpus: str | Path | None = None, target: str | None = None,
+             heldout_fraction: float = 0.05, resume: bool = True, command: str | None = None,
+             **options: Any) -> Path:
+    """Train `Pretraining` (``options``: its options; ``objective`` "mle" unless given) on
+    ``target`` (``FILE.py:NAME``) or, without one, by MLE on the training split of ``corpus``
+    (None: the standard library); write the run folder ``output`` and return it."""
     from accelerate import PartialState
 
-    if options["corpus"] is not None:
+    objective = options.setdefault("objective", "mle")
+    if target is None and objective != "mle":
+        raise ConfigError(f"--objective {objective} needs --target FILE.py:NAME: its "
+                          "factor sites score the corpus's segments")
+    if target is not None and corpus is not None:
         raise ConfigError("--corpus cannot be combined with --target: the corpus is the target's "
                           "Corpus prior")
-    target = load_target(options["target"])
-    output = Path(options["output"])
+    prior = None
+    if target is None:
+        prior = Corpus(corpus, segment="document", split="train", seed=options.get("seed", 0),
+                       heldout_fraction=heldout_fraction, segment_python=True)
+        found = corpus_target(prior)
+        # The preset's warm-up, as the bundled prior was trained, and a held-out curve for the card.
+        options.setdefault("warmup_steps", PRESETS[options.get("preset", "tiny")].warmup_steps)
+        options.setdefault("eval_every", 50)
+    else:
+        found = load_target(target)
+    output = Path(output)
     work = output / "training"
     state = PartialState(cpu=not torch.cuda.is_available())
-    if not options["resume"] and state.is_main_process:
+    if not resume and state.is_main_process:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        (work / "pretrain.json").unlink(missing_ok=True)
     state.wait_for_everyone()
-    engine = Pretraining(
-        objective=options["objective"], preset=options["preset"], steps=options["max_steps"],
-        seed=options["seed"], batch_size=options["batch_size"] or 16,
-        block_size=options["block_size"], learning_rate=options["learning_rate"],
-        gradient_accumulation_steps=options["gradient_accumulation_steps"],
-        mixed_precision=options["mixed_precision"] or "auto", max_grad_norm=1.0,
-        checkpoint_dir=str(work / "checkpoints"), checkpoint_every=options["checkpoint_every"],
-        data_dir=str(work / "data"), score_cache=options["score_cache"],
-        threshold_quantile=options["threshold_quantile"],
-        drop_token_fraction=options["drop_token_fraction"],
-        conditional_decoding=options["conditional_decoding"],
-        unlikelihood_mode=options["unlikelihood_mode"], awr_alpha=options["awr_alpha"],
-        awr_beta=options["awr_beta"], num_samples=options["num_samples"],
-    )
-    posterior = engine.fit(target)
+    _refuse_old_checkpoints(work)
+    engine = Pretraining(**{"max_grad_norm": 1.0, "checkpoint_dir": str(work / "checkpoints"),
+                            "data_dir": str(work / "data"), **options})
+    posterior = engine.fit(found)
     if state.is_main_process:
-        posterior.policy.model.save_pretrained(str(output))
-        posterior.policy.tokenizer.save_pretrained(str(output))
-        history_to_csv(posterior.history, work / "history.csv")
-        record = {"command": command, "target": options["target"], "config": posterior.config,
-                  "diagnostics": posterior.diagnostics.as_dict(),
-                  "samples": posterior.samples.text[:8]}
-        (output / "pretraining.json").write_text(json.dumps(record, indent=1, default=str))
-        print(posterior.summary())
+        _write(output, engine, posterior, target, command or shlex.join(sys.argv), prior)
     state.wait_for_everyone()
     return output
+
+
+def _refuse_old_checkpoints(work: Path) -> None:
+    """Checkpoints of the ``bayesalign pretrain`` before it was `Pretraining` cannot resume."""
+    if (work / "pretrain.json").exists() and any((work / "checkpoints").glob("checkpoint-*")):
+        raise ConfigError(
+            f"{work}: its checkpoints were written by an earlier bayesalign pretrain (see "
+            f"{work / 'pretrain.json'}), whose data files and checkpoint identity this version "
+            "does not read; pass --no-resume to discard them (the data are prepared again) or "
+            "choose another --output"
+        )
+
+
+def _write(output: Path, engine: Pretraining, posterior: Any, target: str | None, command: str,
+           corpus: Corpus | None) -> None:
+    """The model and tokenizer, history.csv, pretraining.json and, for a corpus run, its card."""
+    posterior.policy.model.save_pretrained(str(output))
+    (output / "model.safetensors").chmod(0o644)  # written 0600, unreadable once installed
+    posterior.policy.tokenizer.save_pretrained(str(output))
+    history_to_csv(posterior.history, output / "training" / "history.csv")
+    record = {"command": command, "target": target, "config": posterior.config,
+              "diagnostics": posterior.diagnostics.as_dict(),
+              "samples": posterior.samples.text[:8]}
+    (output / "pretraining.json").write_text(json.dumps(record, indent=1, default=str))
+    if corpus is not None:
+        options = {f.name: getattr(engine, f.name) for f in fields(engine) if f.name != "policy"}
+        options.update(corpus=corpus.source.name, heldout_fraction=corpus.heldout_fraction)
+        write_card(output, model_card(output, posterior, corpus, options, command))
+    print(posterior.summary())

@@ -11,11 +11,13 @@ work on it; engines that need log a say so with `NoLogProbError`.
 Segments partition each document: joined in order they give the document back, so pretraining
 can tag or weight them in place. A segment is a line (blank lines join the line before), a
 sentence (split after ``.``, ``!`` or ``?`` and the whitespace that follows) or the whole
-document (a file, or a record of one file or of a saved dataset).
+document (a file, or a record of one file or of a saved dataset; with ``segment_python``, a
+top-level Python definition, as ``bayesalign pretrain`` trains on them).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -30,8 +32,8 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, NoLogProbError
 from bayesalign.sequences import Decoder, Sequences, mask_through_eos
 
+from .corpus_source import documents, find_corpus
 from .decoding import tokenizer_decoder
-from .pretraining.corpus import documents, find_corpus
 
 SEGMENTS = ("document", "line", "sentence")
 SPLITS = ("all", "train", "heldout")
@@ -80,7 +82,9 @@ class Corpus(SequenceDistribution):
     ``y.text`` is always the segment itself. ``segment_context``: each drawn segment also carries
     its document and offset (``y.origin``), so a factor can judge a line where it stands, as PHF
     scored lines with pycodestyle run on the whole file (``scorers.pep8_in_document``); scores
-    are then cached per (document, offset, segment), not per segment text.
+    are then cached per (document, offset, segment), not per segment text. ``segment_python``:
+    ``.py`` files are first cut into top-level definitions, each a document of its own
+    (``corpus_source.python_segments``), so a model trained on them learns where code ends.
     """
 
     has_enumerate_support = False
@@ -95,6 +99,7 @@ class Corpus(SequenceDistribution):
         seed: int = 0,
         heldout_fraction: float = 0.05,
         segment_context: bool = False,
+        segment_python: bool = False,
     ) -> None:
         super().__init__()
         if segment not in SEGMENTS:
@@ -108,6 +113,7 @@ class Corpus(SequenceDistribution):
         self.seed = seed
         self.heldout_fraction = heldout_fraction
         self.segment_context = segment_context
+        self.segment_python = segment_python
         self.vocab_size = BYTE_EOS + 1 if tokenizer is None else len(tokenizer)
         self.eos_token_id = BYTE_EOS if tokenizer is None else tokenizer.eos_token_id
 
@@ -119,7 +125,7 @@ class Corpus(SequenceDistribution):
         parts = ("train", "heldout") if self.split == "all" else (self.split,)
         for part in parts:
             for text in documents(self.source, part, self.seed, self.heldout_fraction,
-                                  segment_python=False):
+                                  segment_python=self.segment_python):
                 if pieces := partition(text, self.segment):
                     yield pieces
 
@@ -147,7 +153,18 @@ class Corpus(SequenceDistribution):
         encoding = "bytes" if self.tokenizer is None else vocabulary_digest(self.tokenizer)
         return {**self.source.fingerprint(), "segment": self.segment, "split": self.split,
                 "seed": self.seed, "heldout_fraction": self.heldout_fraction,
-                "encoding": encoding, "segment_context": self.segment_context}
+                "encoding": encoding, "segment_context": self.segment_context,
+                "segment_python": self.segment_python}
+
+    def heldout(self) -> Corpus:
+        """The held-out complement of this training split (held-out loss is measured on it)."""
+        if self.split != "train":
+            raise ConfigError(f"{self!r} is not a training split: only split='train' has a "
+                              "held-out complement")
+        other = copy.copy(self)
+        other.__dict__.pop("_read", None)  # the segments read are this split's
+        other.split = "heldout"
+        return other
 
     def sequences(self, texts: list[str],
                   origin: list[tuple[str, int]] | None = None) -> Sequences:

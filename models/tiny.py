@@ -12,16 +12,16 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from bayesalign.errors import ConfigError
+from bayesalign.seeding import seeded
 
 from .causal_lm import CausalLM
+from .corpus_source import stdlib_files
 
 EOS_TOKEN = "<|endoftext|>"
 _BYTE_ALPHABET = 256
-NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 
 
 def stdlib_texts(max_bytes: int = 1_000_000) -> list[str]:
@@ -31,12 +31,7 @@ def stdlib_texts(max_bytes: int = 1_000_000) -> list[str]:
     covers many modules, and the result is the same on every run of one Python install.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        str(path.relative_to(root))
-        for path in root.rglob("*.py")
-        if not (NOT_STDLIB & set(path.relative_to(root).parts[:-1]))
-        and not path.name.startswith("test_")
-    )
+    files = sorted(str(path.relative_to(root)) for path in stdlib_files())
     random.Random(0).shuffle(files)
     texts, total = [], 0
     for name in files:
@@ -107,8 +102,7 @@ def tiny_gpt2(
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = GPT2LMHeadModel(config)
     return model.eval()
 

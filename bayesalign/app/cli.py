@@ -52,30 +52,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from bayesalign.errors import ConfigError
-    from bayesalign.models.pretraining import PretrainConfig, pretrain
+    from bayesalign.inference.pretraining_run import pretrain
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "run", "threads", "argv")}
+    options = {_ENGINE_NAMES.get(k, k): v for k, v in vars(args).items()
+               if k not in ("command", "run", "threads", "argv") and v is not None}
     # The card records the command as typed, also when main() is called with an argv list.
     typed = shlex.join(["bayesalign", *args.argv])
     try:
-        if args.target is None and args.objective != "mle":
-            raise ConfigError(f"--objective {args.objective} needs --target FILE.py:NAME: its "
-                              "factor sites score the corpus's segments")
-        if args.target is not None:
-            from bayesalign.inference.pretraining_run import pretrain_target
-
-            output = pretrain_target(options, typed)
-            _print_once(f"Wrote the model, tokenizer, pretraining.json and training/ to {output}")
-            return 0
-        mle_options = {k: v for k, v in options.items() if k not in _TARGET_OPTIONS}
-        output = pretrain(PretrainConfig(**mle_options, command=typed))
+        output = pretrain(**options, command=typed)
     except ConfigError as error:
         print(f"bayesalign pretrain: error: {error}", file=sys.stderr)
         return 2
-    _print_once(f"Wrote the model, tokenizer, MODEL_CARD.md and card.json to {output}")
+    card = "" if args.target else ", MODEL_CARD.md, card.json"
+    _print_once(f"Wrote the model, tokenizer{card}, pretraining.json and training/ to {output}")
     return 0
 
 
@@ -87,10 +78,8 @@ def _print_once(message: str) -> None:
         print(message)
 
 
-# Options of PHF objectives on a target (inference/pretraining_run.py), not of plain MLE.
-_TARGET_OPTIONS = ("objective", "target", "threshold_quantile", "drop_token_fraction",
-                   "conditional_decoding", "unlikelihood_mode", "awr_alpha", "awr_beta",
-                   "score_cache")
+# ``bayesalign pretrain`` flags whose `Pretraining` option has another name.
+_ENGINE_NAMES = {"max_steps": "steps"}
 
 
 def _add_objectives(add: Callable[..., object]) -> None:
@@ -122,7 +111,9 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
         "pretrain", help="pretrain a GPT-2 prior on a local corpus (default: Python's stdlib)",
         description="Train a byte-level BPE and a GPT-2 on a local corpus, hold out files, "
         "checkpoint and resume exactly, and write a folder CausalLM.from_pretrained loads "
-        "with MODEL_CARD.md and card.json. Unset sizes come from --preset. Several processes: "
+        "with MODEL_CARD.md and card.json: the Pretraining engine with objective mle on the "
+        "corpus, or any PHF objective on a --target. Unset sizes come from --preset. Several "
+        "processes: "
         "accelerate launch --config_file configs/accelerate/{ddp,fsdp,deepspeed}.yaml -m "
         "bayesalign pretrain ... (data parallel, FSDP2, DeepSpeed ZeRO-2).",
     )
@@ -145,16 +136,23 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
     add("--block-size", type=int, metavar="N",
         help="tokens per block = the model's context (default: the preset's)")
     add("--learning-rate", type=float, metavar="LR", help="peak Adam rate (default: the preset's)")
+    add("--warmup-steps", type=int, metavar="N", help="linear learning-rate warm-up (default: "
+        "the preset's without --target, 0 with one)")
     add("--lr-decay-steps", type=int, metavar="N",
         help="cosine decay to 10%% by step N (default: constant after warm-up)")
     add("--heldout-fraction", type=float, default=0.05, metavar="F",
-        help="fraction of files held out (default: %(default)s)")
+        help="fraction of --corpus files held out (default: %(default)s)")
     add("--checkpoint-every", type=int, default=100, metavar="N",
         help="steps between checkpoints (default: %(default)s)")
     add("--eval-every", type=int, default=50, metavar="N",
         help="steps between held-out evaluations (default: %(default)s)")
-    add("--num-samples", type=int, default=64, metavar="N",
-        help="unconditional samples for the card's parse rate (default: %(default)s)")
+    add("--eval-samples", "--num-samples", type=int, default=64, metavar="N", dest="eval_samples",
+        help="samples for the diagnostics and the card's parse rate; --num-samples is its old "
+        "name (default: %(default)s)")
+    add("--max-new-tokens", type=int, metavar="N", help="tokens per sample (default: the block "
+        "size; 2 fewer for conditional's prompt)")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="a progress bar and a line per held-out evaluation (default: on)")
     add("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's; "
         "1 is often faster on cores shared with other jobs)")
     add("--resume", action=argparse.BooleanOptionalAction, default=True,

@@ -1,23 +1,19 @@
-"""Prior pretraining: a GPT-2 fitted to a local corpus (by default Python's standard library)
-and written as a folder ``CausalLM.from_pretrained`` loads, with a model card.
-
-``pretrain(PretrainConfig(output=..., preset="tiny"))`` is the ``bayesalign pretrain`` command.
+"""Prior pretraining's model-side pieces: presets (model sizes), token files and their blocks,
+and the model card. The training itself is the `Pretraining` engine (``bayesalign.inference``):
+``bayesalign pretrain`` runs it with ``objective="mle"`` on a `Corpus` target without factors.
 """
 
-from .corpus import Corpus, copy_stdlib_slice, find_corpus, python_segments, stdlib_files
+from ..corpus_source import copy_stdlib_slice, find_corpus, python_segments, stdlib_files
+from .presets import PRESETS, Preset, learning_rate_at
 from .tokens import Blocks
-from .train import PRESETS, Preset, PretrainConfig, learning_rate_at, pretrain
 
 __all__ = [
     "PRESETS",
     "Blocks",
-    "Corpus",
-    "PretrainConfig",
     "Preset",
     "copy_stdlib_slice",
     "find_corpus",
     "learning_rate_at",
-    "pretrain",
     "python_segments",
     "stdlib_files",
 ]

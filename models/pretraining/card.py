@@ -1,35 +1,97 @@
-"""What a pretrained prior reports about itself: unconditional samples, how many of them parse
-as Python, and the model card (``MODEL_CARD.md`` for people, ``card.json`` for programs)."""
+"""What a prior pretrained by ``bayesalign pretrain`` reports about itself: its corpus and split,
+held-out loss curve, how many of its unconditional samples parse as Python, and the model card
+(``MODEL_CARD.md`` for people, ``card.json`` for programs)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-import torch
+from bayesalign.sequences import Sequences
 
-from ..causal_lm import CausalLM
+from ..corpus_prior import Corpus
+from ..corpus_source import split_files
 from ..scorers import parses
 
 SAMPLES_IN_CARD = 8  # samples kept in card.json; MODEL_CARD.md shows the first 3
 
 
-def sample_report(prior: CausalLM, num_samples: int, seed: int) -> dict:
-    """Draw ``num_samples`` unconditional samples (seeded) and measure how many parse."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        samples = prior.sample_batch(num_samples)
+def sample_report(samples: Sequences, eos_token_id: int, sample_tokens: int) -> dict:
+    """How many unconditional samples parse, reach EOS, or are empty (and the first few)."""
     texts = samples.text
-    ended = samples.tokens.eq(prior.eos_token_id).any(-1)
+    ended = samples.tokens.eq(eos_token_id).any(-1)
     return {
-        "num_samples": num_samples,
-        "sample_tokens": prior.max_new_tokens,
+        "num_samples": len(texts),
+        "sample_tokens": sample_tokens,
         "parse_fraction": float(parses(texts).double().mean()),
         "ended_fraction": float(ended.double().mean()),  # reached EOS within sample_tokens
-        "empty_fraction": sum(not t.strip() for t in texts) / num_samples,
+        "empty_fraction": sum(not t.strip() for t in texts) / len(texts),
         "samples": texts[:SAMPLES_IN_CARD],
     }
+
+
+def model_card(output: Path, posterior: Any, corpus: Corpus, options: dict,
+               command: str | None = None) -> dict:
+    """Every figure of the card of an MLE run (``posterior`` of `Pretraining` on ``corpus``, a
+    training split; ``options``: the engine's, as JSON), for `write_card`."""
+    config, history, policy = posterior.config, posterior.history, posterior.policy
+    model, heldout = policy.model, config["heldout"]
+    counts = {"train": {"documents": config["documents"], "tokens": config["tokens"]},
+              "heldout": heldout}
+    source = corpus.source
+    if source.split_unit == "file":
+        split = split_files(source.files, corpus.seed, corpus.heldout_fraction)
+        units = {part: len(split[part]) for part in ("train", "heldout")}
+    else:
+        units = {part: counts[part]["documents"] for part in ("train", "heldout")}
+    curve = [[row["step"], row["heldout_loss"]] for row in history if "heldout_loss" in row]
+    curve.append([options["steps"], config["heldout_loss"]])
+    processes = config["sharding"]["processes"]
+    tokens_seen = (options["steps"] * options["gradient_accumulation_steps"] * processes
+                   * options["batch_size"] * options["block_size"])
+    return {
+        "model": {"architecture": type(model).__name__, "preset": options["preset"],
+                  "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+                  "n_head": model.config.n_head, "vocab_size": len(policy.tokenizer),
+                  "n_positions": model.config.n_positions,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "safetensors_bytes": (output / "model.safetensors").stat().st_size},
+        "corpus": source.name,
+        "split": {"unit": source.split_unit, **units, "seed": corpus.seed,
+                  "heldout_fraction": corpus.heldout_fraction},
+        "documents": {part: counts[part]["documents"] for part in ("train", "heldout")},
+        "tokens": {part: counts[part]["tokens"] for part in ("train", "heldout")},
+        "steps": options["steps"],
+        "tokens_seen": tokens_seen,
+        "epochs": tokens_seen / counts["train"]["tokens"],
+        "heldout_loss": curve[-1][1],
+        "heldout_perplexity": perplexity(curve[-1][1]),
+        "heldout_loss_initial": curve[0][1],
+        "heldout_curve": curve,
+        **sample_report(posterior.samples, policy.eos_token_id, policy.max_new_tokens),
+        "training_wall_time_s": sum(row["seconds"] for row in history),
+        "device": config["device"],
+        "processes": processes,
+        "sharding": config["sharding"],
+        "command": command or shlex.join(sys.argv),
+        "config": options,
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": sys.version.split()[0]}
+    for name in ("bayesalign", "torch", "transformers", "tokenizers", "datasets", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def write_card(output: Path, card: dict) -> None:

@@ -1,5 +1,4 @@
-"""Tokens for pretraining: a byte-level BPE trained on the training split, each split encoded
-once into a flat token file, and fixed-length blocks drawn from it in a seeded order.
+"""Token files for pretraining and the fixed-length blocks drawn from them in a seeded order.
 
 Documents are written as ``EOS d1 EOS d2 EOS …``, so a block may span documents (GPT-2 packing)
 and every document follows an EOS, the token an unconditional sample starts from. A block's
@@ -9,11 +8,7 @@ data-loader state to see exactly the batches the uninterrupted run sees.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -23,49 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from bayesalign.errors import ConfigError
 
-from ..tiny import train_tokenizer
-
 _ENCODE_BATCH = 256  # documents per tokenizer call
-
-
-@dataclass(frozen=True)
-class TokenData:
-    """A prepared data folder: its tokenizer and the per-split counts."""
-
-    folder: Path
-    tokenizer: PreTrainedTokenizerFast
-    counts: dict  # {"train": {"documents", "tokens"}, "heldout": {...}, "dtype": name}
-
-    def blocks(self, part: str, block_size: int, seed: int = 0) -> Blocks:
-        return Blocks(self.folder / f"{part}.bin", np.dtype(self.counts["dtype"]), block_size, seed)
-
-
-def prepare_tokens(
-    folder: Path, streams: Callable[[str], Iterable[str]], vocab_size: int, corpus_name: str,
-) -> TokenData:
-    """Train the tokenizer on ``streams("train")`` and encode both splits into ``folder``.
-
-    Written into a temporary folder then renamed, so an interrupted preparation is redone
-    rather than half-used; an existing ``folder`` is reused as it is.
-    """
-    if not folder.exists():
-        tmp = folder.with_name(f".tmp-{folder.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tokenizer = train_tokenizer(streams("train"), vocab_size)
-        dtype = np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.uint32)
-        counts = {part: write_tokens(streams(part), tokenizer, tmp / f"{part}.bin", dtype)
-                  for part in ("train", "heldout")}
-        counts["dtype"] = dtype.name
-        for part in ("train", "heldout"):
-            if counts[part]["documents"] == 0:
-                raise ConfigError(f"--corpus {corpus_name}: the {part} split has no text; "
-                                  "add files or change --heldout-fraction")
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "tokens.json").write_text(json.dumps(counts, indent=1))
-        os.replace(tmp, folder)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
-    return TokenData(folder, tokenizer, json.loads((folder / "tokens.json").read_text()))
 
 
 def write_tokens(documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, path: Path,
@@ -75,15 +28,18 @@ def write_tokens(documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, p
     count = {"documents": 0, "tokens": 1}
     with path.open("wb") as f:
         np.array([eos], dtype=dtype).tofile(f)
-        for batch in _batched(documents, _ENCODE_BATCH):
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for batch in batched(documents, _ENCODE_BATCH):
+            # A corpus may contain "<|endoftext|>" as text: encode it as text.
+            for ids in tokenizer(batch, add_special_tokens=False,
+                                 split_special_tokens=True)["input_ids"]:
                 np.array([*ids, eos], dtype=dtype).tofile(f)
                 count["documents"] += 1
                 count["tokens"] += len(ids) + 1
     return count
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of ``size`` consecutive items (the last one shorter): itertools.batched before 3.12."""
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch

@@ -9,7 +9,6 @@ from bayesalign.errors import ConfigError
 from bayesalign.inference.phf_objectives import (
     AWR_WEIGHT_MAX,
     awr_loss,
-    filtering_loss,
     mle_loss,
     rwr_loss,
     tag_segments,
@@ -24,15 +23,9 @@ def one_token(probabilities, token):
     return logits, torch.tensor([[token]]), torch.ones(1, 1, dtype=torch.bool)
 
 
-def test_mle_and_filtering():
+def test_mle():
     logits, tokens, mask = one_token([0.25, 0.75], 1)
     assert float(mle_loss(logits, tokens, mask)) == pytest.approx(-math.log(0.75))
-    two = torch.cat([logits, torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.float64)])
-    targets = torch.tensor([[1], [0]])
-    keep = torch.tensor([True, False])
-    # Only the kept document counts: −log 0.75, not the mean with −log 0.25.
-    loss = filtering_loss(two, targets, torch.ones(2, 1, dtype=torch.bool), keep)
-    assert float(loss) == pytest.approx(-math.log(0.75))
 
 
 def test_unlikelihood_hard_and_soft():
@@ -63,6 +56,9 @@ def test_rwr_and_awr_weights_are_clamped():
     reward = torch.tensor([[2.0]], dtype=torch.float64)
     assert float(rwr_loss(logits, tokens, mask, reward, awr_beta=10.0)) == pytest.approx(
         -math.exp(0.2) * math.log(0.75))
+    # By default β = 1, as in Pretraining: the weight is the likelihood exp(R) itself.
+    assert float(rwr_loss(logits, tokens, mask, reward)) == pytest.approx(
+        -math.exp(2.0) * math.log(0.75))
     value = torch.tensor([[0.5]], dtype=torch.float64, requires_grad=True)
     loss, weights = awr_loss(logits, tokens, mask, reward, value, alpha=0.5, awr_beta=1.0)
     expected = 0.5 * (-math.exp(1.5) * math.log(0.75)) + 0.5 * (0.5 - 2.0) ** 2

@@ -19,7 +19,7 @@ from bayesalign.inference.pretraining_data import BAD_TOKEN, GOOD_TOKEN, prepare
 from bayesalign.models import Corpus, scorers
 from bayesalign.targets import NO_CONTEXT
 
-TINY = {"steps": 6, "batch_size": 4, "block_size": 32, "progress": False, "num_samples": 8,
+TINY = {"steps": 6, "batch_size": 4, "block_size": 32, "progress": False, "eval_samples": 8,
         "max_new_tokens": 16}
 
 
@@ -237,6 +237,31 @@ def test_bad_input_is_named(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no usable text"):
         Corpus(tmp_path / "empty")
+
+
+def test_num_samples_is_the_old_name_of_eval_samples():
+    with pytest.warns(DeprecationWarning, match="use eval_samples="):
+        assert Pretraining(num_samples=3).eval_samples == 3
+    with pytest.raises(ConfigError, match="num_samples= is the old name of eval_samples="):
+        Pretraining(num_samples=3, eval_samples=4)
+
+
+def test_a_list_of_contexts_is_refused(corpus):
+    with pytest.raises(ConfigError, match="one context per fit.*not contexts="):
+        Pretraining(**TINY).fit(clean_target(corpus), contexts=["a", "b"])
+
+
+def test_mle_on_a_training_split_measures_the_heldout_loss(tmp_path):
+    corpus = Corpus(write_corpus(tmp_path / "corpus"), segment="line", split="train",
+                    heldout_fraction=0.3)
+    post = Pretraining(objective="mle", data_dir=str(tmp_path / "d"), eval_every=3,
+                       **TINY).fit(clean_target(corpus))
+    assert [row["step"] for row in post.history if "heldout_loss" in row] == [0, 3]
+    assert post.config["heldout"]["documents"] == 1  # one of the three files
+    assert post.config["heldout_loss"] < post.history[0]["heldout_loss"]
+    whole = Pretraining(objective="mle", data_dir=str(tmp_path / "e"), **TINY).fit(
+        clean_target(Corpus(tmp_path / "corpus", segment="line")))
+    assert "heldout_loss" not in whole.config and "heldout_loss" not in whole.history[0]
 
 
 def _toy_prior():

@@ -1,8 +1,11 @@
-"""Prior pretraining: a tiny run on a slice of the stdlib loads, samples and reports; resume is
-bit-identical; held-out files are split by file; corpora without text fail clearly."""
+"""Prior pretraining (``bayesalign pretrain``: `Pretraining` with objective mle on a Corpus
+training split): a tiny run on a slice of the stdlib loads, samples and reports; resume is
+bit-identical; checkpoints of the earlier pretrain are refused; held-out files are split by
+file; corpora without text fail clearly."""
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +15,11 @@ from safetensors.torch import load_file
 
 from bayesalign.app.cli import main
 from bayesalign.errors import ConfigError
+from bayesalign.inference.pretraining_run import pretrain
 from bayesalign.models import CausalLM, scorers
-from bayesalign.models.pretraining import (
-    Blocks,
-    PretrainConfig,
-    copy_stdlib_slice,
-    find_corpus,
-    pretrain,
-    python_segments,
-)
-from bayesalign.models.pretraining.corpus import documents, split_files
+from bayesalign.models.corpus_source import documents, split_files
+from bayesalign.models.pretraining import Blocks, copy_stdlib_slice, find_corpus, python_segments
+from bayesalign.training.checkpoints import write_manifest
 
 STEPS = 300  # a few hundred tiny steps: ~15 s on one loaded core
 SLICE_BYTES = 600_000
@@ -33,11 +31,11 @@ def stdlib_slice(tmp_path_factory) -> Path:
     return copy_stdlib_slice(tmp_path_factory.mktemp("stdlib_slice"), SLICE_BYTES)
 
 
-def settings(corpus: Path, output: Path, **changes) -> PretrainConfig:
-    base = {"corpus": corpus, "output": output, "preset": "tiny", "max_steps": STEPS,
+def settings(corpus: Path, output: Path, **changes) -> dict:
+    base = {"corpus": corpus, "output": output, "preset": "tiny", "steps": STEPS,
             "heldout_fraction": 0.1, "eval_every": 50, "checkpoint_every": 100,
-            "num_samples": 16, "sample_tokens": 48, "progress": False}
-    return PretrainConfig(**{**base, **changes})
+            "eval_samples": 16, "max_new_tokens": 48, "progress": False}
+    return {**base, **changes}
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +89,14 @@ def read_history(output: Path) -> list[dict[str, str]]:
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(stdlib_slice, tmp_path):
     steps, stop = 40, 20
-    reference = pretrain(settings(stdlib_slice, tmp_path / "reference", max_steps=steps,
-                                  eval_every=10, checkpoint_every=10))
+    reference = pretrain(**settings(stdlib_slice, tmp_path / "reference", steps=steps,
+                                    eval_every=10, checkpoint_every=10))
     interrupted = tmp_path / "interrupted"
-    pretrain(settings(stdlib_slice, interrupted, max_steps=stop, eval_every=10,
-                      checkpoint_every=10))
+    pretrain(**settings(stdlib_slice, interrupted, steps=stop, eval_every=10,
+                        checkpoint_every=10))
     first_part = read_history(interrupted)
-    resumed = pretrain(settings(stdlib_slice, interrupted, max_steps=steps, eval_every=10,
-                                checkpoint_every=10))
+    resumed = pretrain(**settings(stdlib_slice, interrupted, steps=steps, eval_every=10,
+                                  checkpoint_every=10))
     history, expected = read_history(resumed), read_history(reference)
     # Steps before the interruption come from the checkpoint (their timings are not re-measured).
     assert history[:stop] == first_part
@@ -110,7 +108,25 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(stdlib_slice, tmp_path)
     assert all(torch.equal(weights[k], expected_weights[k]) for k in weights)
 
     with pytest.raises(ConfigError, match="block_size: 128 there, 64 here"):
-        pretrain(settings(stdlib_slice, interrupted, max_steps=steps, block_size=64))
+        pretrain(**settings(stdlib_slice, interrupted, steps=steps, block_size=64))
+
+
+def test_checkpoints_of_the_earlier_pretrain_are_refused_saying_why(stdlib_slice, tmp_path,
+                                                                   capsys):
+    # The layout the earlier `bayesalign pretrain` wrote: its record beside a complete checkpoint.
+    work = tmp_path / "old" / "training"
+    checkpoint = work / "checkpoints" / "checkpoint-00000100"
+    checkpoint.mkdir(parents=True)
+    (work / "pretrain.json").write_text(json.dumps({"preset": "tiny", "seed": 0}))
+    (checkpoint / "trainer.json").write_text(json.dumps({"step": 100, "engine": "pretrain"}))
+    write_manifest(checkpoint)
+    argv = ["pretrain", "--corpus", str(stdlib_slice), "--output", str(tmp_path / "old"),
+            "--max-steps", "2", "--no-progress"]
+    assert main(argv) == 2
+    assert re.search("written by an earlier bayesalign pretrain.*--no-resume",
+                     capsys.readouterr().err)
+    assert main([*argv, "--no-resume"]) == 0  # discarded: trained afresh
+    assert len(read_history(tmp_path / "old")) == 2
 
 
 @pytest.mark.parametrize("content", [None, b"\x00\x01\x02binary\x00" * 100])
@@ -121,7 +137,7 @@ def test_a_corpus_without_usable_text_is_a_config_error_naming_it(content, tmp_p
         (corpus / "blob.bin").write_bytes(content)
         (corpus / "fake.py").write_bytes(content)
     with pytest.raises(ConfigError, match=str(corpus)):
-        pretrain(PretrainConfig(corpus=corpus, output=tmp_path / "out", progress=False))
+        pretrain(corpus=corpus, output=tmp_path / "out", progress=False)
     assert main(["pretrain", "--corpus", str(corpus), "--output", str(tmp_path / "out")]) == 2
     assert str(corpus) in capsys.readouterr().err
 

@@ -26,7 +26,7 @@ from two_processes import (
 )
 
 from bayesalign.errors import ConfigError
-from bayesalign.models.pretraining import PretrainConfig, pretrain
+from bayesalign.inference.pretraining_run import pretrain
 from bayesalign.training import Trainer, TrainingConfig
 from bayesalign.training.zero import ZeroPlan, engine_config, plan_from_launch
 
@@ -83,7 +83,7 @@ def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(corpus, zero2_r
     moved = tmp_path / "moved"
     shutil.copytree(zero2_run / "training", moved / "training")
     with pytest.raises(ConfigError, match="written with DeepSpeed.*resume it with a DeepSpeed launch"):
-        pretrain(PretrainConfig(corpus=corpus, output=moved, batch_size=BATCH, **OPTIONS))
+        pretrain(corpus=corpus, output=moved, batch_size=BATCH, **OPTIONS)
 
 
 def test_bf16_training_ends_with_fp32_master_weights(corpus, one_process_run, tmp_path):

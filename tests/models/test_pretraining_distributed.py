@@ -26,7 +26,7 @@ from two_processes import (
 )
 
 from bayesalign.app.cli import main
-from bayesalign.models.pretraining import PretrainConfig, pretrain
+from bayesalign.inference.pretraining_run import pretrain
 
 __all__ = ["corpus"]  # a fixture, used by name
 
@@ -45,11 +45,10 @@ def test_two_ranks_ran_and_follow_the_one_process_loss_curve(corpus, two_ranks, 
     assert ranks_that_checkpointed(two_ranks) == {"rng-0.pt", "rng-1.pt"}
 
     one_process = {
-        "batch": pretrain(PretrainConfig(corpus=corpus, output=tmp_path / "batch",
-                                         batch_size=2 * BATCH, **OPTIONS)),
-        "accumulation": pretrain(PretrainConfig(corpus=corpus, output=tmp_path / "accumulation",
-                                                batch_size=BATCH, gradient_accumulation_steps=2,
-                                                **OPTIONS)),
+        "batch": pretrain(corpus=corpus, output=tmp_path / "batch", batch_size=2 * BATCH,
+                          **OPTIONS),
+        "accumulation": pretrain(corpus=corpus, output=tmp_path / "accumulation",
+                                 batch_size=BATCH, gradient_accumulation_steps=2, **OPTIONS),
     }
     curve = history(two_ranks)
     for output in one_process.values():
@@ -70,8 +69,8 @@ def test_two_ranks_resume_their_checkpoint_bit_identically(corpus, two_ranks, tm
     assert [row["loss"] for row in history(interrupted)] == [row["loss"] for row in history(two_ranks)]
 
 
-CONDITIONAL = {"objective": "conditional", "max_steps": STEPS, "block_size": 64,
-               "checkpoint_every": 4, "num_samples": 4}
+CONDITIONAL = {"objective": "conditional", "steps": STEPS, "block_size": 64,
+               "checkpoint_every": 4, "eval_samples": 4}
 
 
 def test_conditional_training_on_two_ranks_follows_one_process(corpus, tmp_path):

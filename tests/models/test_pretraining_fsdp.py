@@ -88,8 +88,8 @@ def test_an_fsdp_checkpoint_resumes_under_data_parallel(corpus, fsdp_run, one_pr
     assert max_difference(curve, history(one_process_run), "loss") < LOSS_TOLERANCE
 
 
-AWR = {"objective": "awr", "max_steps": STEPS, "block_size": 64, "checkpoint_every": 4,
-       "num_samples": 4}
+AWR = {"objective": "awr", "steps": STEPS, "block_size": 64, "checkpoint_every": 4,
+       "eval_samples": 4}
 # AWR's exp-weights amplify float32 reordering: observed 1e-5 between FSDP and DDP (2e-4 against
 # one process, under DDP as well); a value head left unsharded or unsynchronised moves it by > 0.1.
 AWR_TOLERANCE = 1e-4

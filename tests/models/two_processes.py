@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from bayesalign.models.pretraining import PretrainConfig, copy_stdlib_slice, pretrain
+from bayesalign.inference.pretraining_run import pretrain
+from bayesalign.models.pretraining import copy_stdlib_slice
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 8, 4  # per process: the 1-process runs use 2 × BATCH, or BATCH × 2 accumulations
 # Observed: 5e-7 for MLE, 1e-6 for conditional training (float32 sums in another order); a wrong
 # shard or average moves it by > 1e-2 (rank 0's half of the conditional batch alone: 0.1).
 LOSS_TOLERANCE = 1e-5
-OPTIONS = {"max_steps": STEPS, "block_size": 64, "eval_every": 4, "checkpoint_every": 4,
-           "heldout_fraction": 0.2, "num_samples": 4, "progress": False}
+OPTIONS = {"steps": STEPS, "block_size": 64, "eval_every": 4, "checkpoint_every": 4,
+           "heldout_fraction": 0.2, "eval_samples": 4, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +32,14 @@ def corpus(tmp_path_factory) -> Path:
 def one_process_run(corpus, tmp_path_factory) -> Path:
     """``pretrain`` in this process with the 2-process runs' global batch."""
     output = tmp_path_factory.mktemp("one")
-    return pretrain(PretrainConfig(corpus=corpus, output=output, batch_size=2 * BATCH, **OPTIONS))
+    return pretrain(corpus=corpus, output=output, batch_size=2 * BATCH, **OPTIONS)
 
 
 def flags(options: dict) -> list[str]:
-    """``bayesalign pretrain`` flags for engine options (``progress`` is not one)."""
-    return [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "progress"]
+    """``bayesalign pretrain`` flags for `pretrain`'s options (``steps`` is ``--max-steps``)."""
+    names = {"steps": "max_steps"}
+    return [f"--{names.get(k, k).replace('_', '-')}={v}" for k, v in options.items()
+            if k != "progress"]
 
 
 def launch_two_processes(*arguments: str, config: str = "cpu_2proc",

@@ -1,6 +1,8 @@
-"""The pretraining corpus: which files, which of them are held out, and their documents.
+"""Where a corpus's text comes from: which files, which of them are held out, and their documents.
 
-A corpus is the running interpreter's standard library (tests excluded), local ``.py`` /
+The one corpus source of the `Corpus` prior (``corpus_prior.py``), and so of ``bayesalign
+pretrain``, whose MLE run is `Pretraining` on a `Corpus` target. A corpus is the running
+interpreter's standard library (tests excluded), local ``.py`` /
 ``.txt`` / ``.json`` / ``.jsonl`` files or a folder of them, or a dataset saved with
 ``save_to_disk``. The held-out split is by file, so held-out loss measures generalisation to
 unseen modules rather than to unseen lines of seen ones; one file or a saved dataset has no
@@ -9,7 +11,7 @@ files to hold out, so there the unit is the record (a row, a paragraph, a Python
 Text is read with ``datasets.load_dataset(..., streaming=True)``: tokenisation is a sequential
 pass, so streaming reads each file once, writes no Arrow copy of the corpus into the user's
 cache, and works for corpora larger than memory; the random access training needs is served by
-the token file that pass writes (``tokens.py``).
+the token file that pass writes (``pretraining/tokens.py``).
 """
 
 from __future__ import annotations
@@ -27,17 +29,16 @@ from pathlib import Path
 
 from bayesalign.errors import ConfigError
 
-from ..tiny import NOT_STDLIB
-
 # Suffix → the ``datasets`` builder that reads it.
 LOADERS = {".py": "text", ".txt": "text", ".json": "json", ".jsonl": "json"}
 TEXT_COLUMNS = ("text", "content")  # a JSON record's text, in order of preference
 _SNIFF_BYTES = 8192
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages"}  # folders left out
 
 
 @dataclass(frozen=True)
-class Corpus:
+class CorpusSource:
     """Text files to pretrain on, or a saved ``datasets`` dataset; ``name`` is what cards cite."""
 
     name: str
@@ -56,7 +57,7 @@ class Corpus:
 
 
 def stdlib_files() -> list[Path]:
-    """The running interpreter's standard-library sources, tests excluded (as ``stdlib_texts``)."""
+    """The running interpreter's standard-library sources, tests excluded."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(
         path for path in root.rglob("*.py")
@@ -78,17 +79,17 @@ def copy_stdlib_slice(folder: Path, max_bytes: int) -> Path:
     return folder
 
 
-def find_corpus(path: str | Path | None) -> Corpus:
+def find_corpus(path: str | Path | None) -> CorpusSource:
     """The corpus at ``path`` (``None``: the standard library); ``ConfigError`` if it has no text."""
     if path is None:
         root = sysconfig.get_paths()["stdlib"]
         name = f"Python {sys.version.split()[0]} standard library ({root}), tests excluded"
-        return Corpus(name, tuple(stdlib_files()))
+        return CorpusSource(name, tuple(stdlib_files()))
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise ConfigError(f"--corpus {path}: no such file or folder")
     if path.is_dir() and any((path / marker).exists() for marker in _DATASET_MARKERS):
-        return Corpus(str(path), dataset_dir=path)
+        return CorpusSource(str(path), dataset_dir=path)
     if path.is_dir():
         candidates = sorted(p for p in path.rglob("*") if p.is_file()
                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -101,7 +102,7 @@ def find_corpus(path: str | Path | None) -> Corpus:
             f"{'/'.join(LOADERS)} text file); pass a folder of such files or a dataset saved "
             "with save_to_disk"
         )
-    return Corpus(str(path), files)
+    return CorpusSource(str(path), files)
 
 
 def _is_text(path: Path) -> bool:
@@ -125,7 +126,7 @@ def is_heldout_record(seed: int, index: int, heldout_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
 
 
-def documents(corpus: Corpus, part: str, seed: int, heldout_fraction: float,
+def documents(corpus: CorpusSource, part: str, seed: int, heldout_fraction: float,
               segment_python: bool = True) -> Iterator[str]:
     """Stream the documents of the ``part`` ("train" or "heldout") split of ``corpus``."""
     if corpus.split_unit == "file":
