@@ -147,13 +147,8 @@ def _enumerated_features(target: Target, context: Any) -> _Features:
     return _live(target, phi, mean, support.log_q.double().cpu() + log_other, sites, 0)
 
 
-def _sampled_features(
-    target: Target,
-    context: Any,
-    num_samples: int,
-    proposal: SequenceDistribution | None,
-    batch_size: int,
-) -> _Features:
+def _sampled_features(target: Target, context: Any, num_samples: int,
+                      proposal: SequenceDistribution | None, batch_size: int) -> _Features:
     prior, proposal = resolve_proposal(target, proposal, context)
     phis, log_bases = [], []
     for size in batches(num_samples, batch_size, "fit_moments"):
@@ -203,14 +198,8 @@ def _split_factors(
     return torch.cat(columns, 1), torch.cat(means), log_other, sites
 
 
-def _live(
-    target: Target,
-    phi: torch.Tensor,
-    mean: torch.Tensor,
-    log_base: torch.Tensor,
-    sites: dict[str, tuple[slice, torch.Size]],
-    num_draws: int,
-) -> _Features:
+def _live(target: Target, phi: torch.Tensor, mean: torch.Tensor, log_base: torch.Tensor,
+          sites: dict[str, tuple[slice, torch.Size]], num_draws: int) -> _Features:
     """Keep the rows with non-zero base mass: the others carry no weight for any λ."""
     live = torch.isfinite(log_base)
     if not live.any():
@@ -264,14 +253,8 @@ def _moments(features: _Features, lam: torch.Tensor) -> torch.Tensor:
     return _dual(features, lam)[1] @ features.phi
 
 
-def _newton(
-    features: _Features,
-    lam: torch.Tensor,
-    active: torch.Tensor,
-    tolerance: float,
-    max_iterations: int,
-    where: str,
-) -> tuple[torch.Tensor, list[float]]:
+def _newton(features: _Features, lam: torch.Tensor, active: torch.Tensor, tolerance: float,
+            max_iterations: int, where: str) -> tuple[torch.Tensor, list[float]]:
     """Damped Newton on the dual with Armijo backtracking; L(λ) never increases beyond rounding."""
     lam = torch.where(active, lam, torch.zeros_like(lam))
     phi = features.phi[:, active]
@@ -325,14 +308,8 @@ def _residual(features: _Features, gradient: torch.Tensor, active: torch.Tensor,
     )
 
 
-def _stalled(
-    features: _Features,
-    lam: torch.Tensor,
-    gradient: torch.Tensor,
-    active: torch.Tensor,
-    tolerance: float,
-    where: str,
-) -> str:
+def _stalled(features: _Features, lam: torch.Tensor, gradient: torch.Tensor,
+             active: torch.Tensor, tolerance: float, where: str) -> str:
     return (
         "fit_moments stalled: no Newton step decreases the dual, "
         + _residual(features, gradient, active, tolerance)
@@ -341,14 +318,8 @@ def _stalled(
     )
 
 
-def _diverged(
-    features: _Features,
-    lam: torch.Tensor,
-    moments: torch.Tensor,
-    active: torch.Tensor,
-    tilt: torch.Tensor,
-    where: str,
-) -> str:
+def _diverged(features: _Features, lam: torch.Tensor, moments: torch.Tensor,
+              active: torch.Tensor, tilt: torch.Tensor, where: str) -> str:
     coordinates = [features.coordinate(int(j)) for j in active.nonzero()[tilt > MAX_LOG_TILT]]
     return (
         f"{', '.join(coordinates)}: λ diverges (λ = {lam.tolist()}): μ̄ = "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ class PolicyEngineConfig(TrainingConfig):
 
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*TrainingConfig.RESUMABLE_CHANGES, "policy")
 
-    contexts: Any = None  # list or datasets.Dataset of contexts (conditional targets, CDPG)
+    contexts: Any = None  # deprecated: pass them to fit(target, contexts=...)
     contexts_per_step: int = 4  # contexts drawn per step; the batch is split between them
     policy: SequenceDistribution | None = None  # defaults to a trainable copy of the prior
     eval_samples: int = 4096  # draws for the final diagnostics (exact when enumerable)
@@ -36,12 +37,27 @@ class PolicyEngineConfig(TrainingConfig):
         super().__post_init__()
         require_positive("contexts_per_step", self.contexts_per_step)
         require_positive("eval_samples", self.eval_samples)
+        if self.contexts is not None:
+            warnings.warn(f"{type(self).__name__}(contexts=...) is deprecated and will be removed "
+                          "in the next release; use fit(target, contexts=...)",
+                          DeprecationWarning, stacklevel=4)
 
     def contexts_and_policy(
-        self, target: Target, context: Any
+        self, target: Target, context: Any, contexts: Any
     ) -> tuple[list[Any], SequenceDistribution]:
-        """The contexts to train on and the policy to train (checked against the prior)."""
-        contexts = [context] if self.contexts is None else context_list(self.contexts)
+        """The contexts to train on (fit's one ``context`` or several ``contexts``) and the
+        policy to train (checked against the prior)."""
+        name = type(self).__name__
+        if context is not NO_CONTEXT and contexts is not None:
+            raise ConfigError(f"{name}.fit got context={context!r} and contexts=: give one "
+                              "context or several, not both")
+        if self.contexts is not None:
+            if contexts is not None or context is not NO_CONTEXT:
+                given = "contexts=" if contexts is not None else f"context={context!r}"
+                raise ConfigError(f"{name}.fit got {given}, but the constructor got contexts= "
+                                  "(deprecated): give them to fit only")
+            contexts = self.contexts
+        contexts = [context] if contexts is None else context_list(contexts)
         return contexts, make_policy(target, contexts[0], self.policy)
 
 
@@ -86,11 +102,17 @@ class ScoredBatch:
 def score_batch(
     target: Target, proposal: SequenceDistribution, num_samples: int, context: Any
 ) -> ScoredBatch:
+    """``num_samples`` draws from ``proposal`` (already given ``context``), scored by the target."""
     with torch.no_grad():
         y = proposal.sample_batch(num_samples)
         log_prior = target.prior(context).log_prob(y).double()
         log_score = target.log_score(y, context, log_prior=log_prior)
     return ScoredBatch(y, context, y.log_q.double(), log_prior, log_score)
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric of the first context's row, summed over the rows that have it, over the rows."""
+    return {k: sum(r[k] for r in rows if k in r) / len(rows) for k in rows[0]}
 
 
 def pick_contexts(contexts: Sequence[Any], per_step: int) -> list[Any]:
