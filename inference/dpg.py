@@ -155,8 +155,8 @@ class DPG(PolicyEngineConfig):
                 loss, info = self._loss(conditional, batch, log_z, state)
                 losses.append(loss)
                 metrics.append(info)
-            metrics[0].update(self._proposal_schedule(target, proposal, policy, chosen[0], step_index))
-            return torch.stack(losses).mean(), mean_metrics(metrics)
+            swap = self._proposal_schedule(target, proposal, policy, chosen[0], step_index)
+            return torch.stack(losses).mean(), {**mean_metrics(metrics), **swap}
 
         history = trainer.run(step)
         running = {f"running_log_z[{key}]": state.log_z.log_z(key) for key in state.log_z.count}

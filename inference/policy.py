@@ -111,8 +111,12 @@ def score_batch(
 
 
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric of the first context's row, summed over the rows that have it, over the rows."""
-    return {k: sum(r[k] for r in rows if k in r) / len(rows) for k in rows[0]}
+    """Each metric's mean over the step's contexts, over those that report it."""
+    means = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row[key] for row in rows if key in row]
+        means[key] = sum(values) / len(values)
+    return means
 
 
 def pick_contexts(contexts: Sequence[Any], per_step: int) -> list[Any]:

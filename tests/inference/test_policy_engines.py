@@ -242,3 +242,18 @@ def test_a_context_given_two_ways_is_refused():
     with pytest.raises(ConfigError, match=r"KLRL.fit got context='a', but the constructor got "
                                           "contexts="):
         old.fit(target, "a")
+
+
+def test_step_metrics_average_over_the_contexts_that_report_them():
+    from bayesalign.inference.policy import mean_metrics
+
+    rows = [{"log_z": 0.0, "ess_fraction": 0.0}, {"log_z": -1.0, "kl_target_policy": 0.3}]
+    assert mean_metrics(rows) == {"log_z": -0.5, "ess_fraction": 0.0, "kl_target_policy": 0.3}
+
+
+def test_cdpg_logs_the_proposal_check_once_per_step_not_per_context():
+    settings = {**BUDGET, "steps": 16, "contexts_per_step": 2, "eval_samples": 64}
+    post = DPG(off_policy=True, proposal_update_interval=8, **settings).fit(
+        conditional_world(), contexts=["a", "b"])
+    swaps = [row["proposal_swaps"] for row in post.history]
+    assert all(s == int(s) for s in swaps) and swaps[-1] >= 1  # counts, not halved counts
