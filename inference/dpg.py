@@ -26,7 +26,16 @@ from bayesalign.posterior import Posterior
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 
-from .policy import PolicyEngineConfig, ScoredBatch, finish, mean_metrics, pick_contexts, score_batch
+from .policy import (
+    PolicyEngineConfig,
+    ScoredBatch,
+    contexts_digest,
+    finish,
+    mean_metrics,
+    pick_contexts,
+    require_same_contexts,
+    score_batch,
+)
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
 MAX_LOG_RATIO = 50.0
@@ -44,24 +53,6 @@ def f_prime(divergence: str, log_t: torch.Tensor) -> torch.Tensor:
     # JS: f(t) = ½[t log t − (1 + t) log((1 + t)/2)], f'(t) = ½ log(2t/(1 + t)),
     # written with softplus(−log t) so t = inf (p = 0) gives the finite limit ½ log 2.
     return 0.5 * (math.log(2) - F.softplus(-log_t))
-
-
-class RunningLogZ:
-    """Running mean of importance weights per context: log Ẑ_c pooled over all steps (§2.2)."""
-
-    def __init__(self) -> None:
-        self.log_sum: dict[str, float] = {}
-        self.count: dict[str, int] = {}
-
-    def update(self, key: str, log_w: torch.Tensor) -> float:
-        batch = float(torch.logsumexp(log_w, 0))
-        self.log_sum[key] = float(torch.logaddexp(torch.tensor(self.log_sum.get(key, -math.inf)),
-                                                  torch.tensor(batch)))
-        self.count[key] = self.count.get(key, 0) + log_w.numel()
-        return self.log_z(key)
-
-    def log_z(self, key: str) -> float:
-        return self.log_sum[key] - math.log(self.count[key])
 
 
 class Proposal:
@@ -85,23 +76,36 @@ class Proposal:
 
 @dataclass
 class DPGState:
-    """What a DPG run checkpoints besides the policy: running log Ẑ_c, the f-DPG baseline b,
-    and the off-policy proposal (None on-policy)."""
+    """What a DPG run checkpoints besides the policy: which contexts it trains on, the running
+    log Ẑ_c, the f-DPG baseline b and the off-policy proposal (None on-policy)."""
 
-    log_z: RunningLogZ
+    contexts: str  # `contexts_digest` of the training contexts
     baseline: float  # b of §2.3: E_π f' = −1 for forward KL; a running mean of f' otherwise
     proposal: Proposal | None
+    log_sum: dict[str, float] = field(default_factory=dict)  # per context: log Σ of all weights
+    count: dict[str, int] = field(default_factory=dict)  # per context: how many weights
+
+    def update_log_z(self, key: str, log_w: torch.Tensor) -> float:
+        """Pool a batch's weights into the running mean Ẑ_c over all steps (§2.2)."""
+        batch = float(torch.logsumexp(log_w, 0))
+        self.log_sum[key] = float(torch.logaddexp(torch.tensor(self.log_sum.get(key, -math.inf)),
+                                                  torch.tensor(batch)))
+        self.count[key] = self.count.get(key, 0) + log_w.numel()
+        return self.log_z(key)
+
+    def log_z(self, key: str) -> float:
+        return self.log_sum[key] - math.log(self.count[key])
 
     def state_dict(self) -> dict:
         proposal = self.proposal
-        return {"log_sum": dict(self.log_z.log_sum), "count": dict(self.log_z.count),
-                "baseline": self.baseline,
-                "swaps": proposal.swaps if proposal else 0,
-                "proposal": proposal.copy.module.state_dict() if proposal and proposal.copy else None}
+        copy = proposal.copy.module.state_dict() if proposal and proposal.copy else None
+        return {"contexts": self.contexts, "baseline": self.baseline, "log_sum": dict(self.log_sum),
+                "count": dict(self.count), "swaps": proposal.swaps if proposal else 0,
+                "proposal": copy}
 
     def load_state_dict(self, state: dict) -> None:
-        self.log_z.log_sum, self.log_z.count = dict(state["log_sum"]), dict(state["count"])
-        self.baseline = state["baseline"]
+        require_same_contexts(state["contexts"], self.contexts)
+        self.baseline, self.log_sum, self.count = state["baseline"], state["log_sum"], state["count"]
         if self.proposal is not None:
             if state["proposal"] is not None:
                 self.proposal.swap()
@@ -140,7 +144,7 @@ class DPG(PolicyEngineConfig):
         contexts, policy = self.contexts_and_policy(target, context, contexts)
         proposal = Proposal(self.proposal or target.prior(contexts[0]), policy) \
             if self.off_policy else None
-        state = DPGState(RunningLogZ(), -1.0 if self.divergence == "kl" else 0.0, proposal)
+        state = DPGState(contexts_digest(contexts), -1.0 if self.divergence == "kl" else 0.0, proposal)
         trainer = Trainer(self, policy, name, {"dpg": state})
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -150,8 +154,8 @@ class DPG(PolicyEngineConfig):
                 conditional = policy.given(c)
                 q = conditional if proposal is None else proposal.current().given(c)
                 batch = score_batch(target, q, max(1, self.batch_size // len(chosen)), c)
-                log_z = self._update_log_z(state.log_z, trainer.gather(batch.log_w), batch,
-                                           step_index, several=len(contexts) > 1)
+                log_z = self._update_log_z(state, trainer.gather(batch.log_w), batch, step_index,
+                                           several=len(contexts) > 1)
                 loss, info = self._loss(conditional, batch, log_z, state)
                 losses.append(loss)
                 metrics.append(info)
@@ -159,16 +163,16 @@ class DPG(PolicyEngineConfig):
             return torch.stack(losses).mean(), {**mean_metrics(metrics), **swap}
 
         history = trainer.run(step)
-        running = {f"running_log_z[{key}]": state.log_z.log_z(key) for key in state.log_z.count}
+        running = {f"running_log_z[{key}]": state.log_z(key) for key in state.count}
         return finish(target, policy, name, contexts, history,
                       {"divergence": self.divergence, "baseline": self.baseline,
                        "off_policy": self.off_policy, "steps": self.steps,
                        "batch_size": self.batch_size}, self.eval_samples, running, seed=self.seed)
 
-    def _update_log_z(self, running: RunningLogZ, log_w: torch.Tensor, batch: ScoredBatch,
+    def _update_log_z(self, state: DPGState, log_w: torch.Tensor, batch: ScoredBatch,
                       step_index: int, several: bool) -> float:
         """Pool this batch's weights into log Ẑ_c (§2.2, §2.5); 0 for a CDPG context with no P > 0 yet."""
-        log_z = running.update(str(batch.context) if self.per_context_z else "global", log_w)
+        log_z = state.update_log_z(str(batch.context) if self.per_context_z else "global", log_w)
         if math.isfinite(log_z):
             return log_z
         if not several:

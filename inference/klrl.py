@@ -28,7 +28,16 @@ from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 
-from .policy import PolicyEngineConfig, ScoredBatch, finish, mean_metrics, pick_contexts, score_batch
+from .policy import (
+    PolicyEngineConfig,
+    ScoredBatch,
+    contexts_digest,
+    finish,
+    mean_metrics,
+    pick_contexts,
+    require_same_contexts,
+    score_batch,
+)
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 UNBIASED = {("k1", "reward"), ("k2", "loss")}
@@ -80,9 +89,10 @@ class PPORollout:
 
 @dataclass
 class KLRLState:
-    """What a KL-RL run checkpoints besides the policy: the KL multiplier c, REINFORCE's
-    reward baseline and the current PPO rollout (None before the first, and off PPO)."""
+    """What a KL-RL run checkpoints besides the policy: which contexts it trains on, the KL
+    multiplier c, REINFORCE's reward baseline and the PPO rollout (None before the first)."""
 
+    contexts: str  # `contexts_digest` of the training contexts
     kl_scale: float
     reward_baseline: float = 0.0
     rollout: PPORollout | None = None
@@ -101,6 +111,7 @@ class KLRLState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        require_same_contexts(state["contexts"], self.contexts)
         rollout = state["rollout"]
         self.kl_scale, self.reward_baseline = state["kl_scale"], state["reward_baseline"]
         self.rollout = None if rollout is None else PPORollout(
@@ -150,7 +161,7 @@ class KLRL(PolicyEngineConfig):
             ) -> Posterior:
         """Fit π for one ``context``, or amortised over several ``contexts``."""
         contexts, policy = self.contexts_and_policy(target, context, contexts)
-        state = KLRLState(self.kl_scale)
+        state = KLRLState(contexts_digest(contexts), self.kl_scale)
         trainer = Trainer(self, policy, self.name, {"klrl": state})
         updates_per_rollout = self.ppo_epochs * self.ppo_minibatches
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +75,17 @@ def context_list(contexts: Any) -> list[Any]:
     if not contexts:
         raise ConfigError("contexts is empty: give at least one context")
     return contexts
+
+
+def contexts_digest(contexts: list[Any]) -> str:
+    """A fingerprint of the training contexts, kept in engine state to refuse resuming on others."""
+    return hashlib.sha256(json.dumps(contexts, default=repr).encode()).hexdigest()
+
+
+def require_same_contexts(saved: str, here: str) -> None:
+    if saved != here:
+        raise ConfigError("the checkpoint was written by a fit on other contexts than this one; "
+                          "use a new checkpoint_dir or the same contexts")
 
 
 def make_policy(target: Target, context: Any, policy: SequenceDistribution | None):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from conftest import toy_a_prior, toy_a_target
+from conftest import conditional_world, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.errors import (
@@ -232,3 +232,13 @@ def test_a_checkpoint_with_the_old_engine_state_layout_is_refused(engine, old_st
     with pytest.raises(ConfigError, match=f"holds no engine state '{name}' \\(it was written by "
                                           "an older version of this engine\\)"):
         engine(**{**SETTINGS, "steps": 30}, checkpoint_dir=str(tmp_path)).fit(toy_a_target(1.0))
+
+
+@pytest.mark.parametrize("engine", [DPG, KLRL])
+def test_resume_on_other_contexts_is_refused(engine, tmp_path):
+    settings = {**SETTINGS, "steps": 10, "contexts_per_step": 2, "checkpoint_dir": str(tmp_path)}
+    engine(**settings).fit(conditional_world(), contexts=["a", "b"])
+    with pytest.raises(ConfigError, match="written by a fit on other contexts than this one"):
+        engine(**{**settings, "steps": 20}).fit(conditional_world(), contexts=["b", "a"])
+    resumed = engine(**{**settings, "steps": 20}).fit(conditional_world(), contexts=["a", "b"])
+    assert len(resumed.history) == 20
