@@ -13,6 +13,7 @@ one fixed sample ``x_i ∼ q`` with weights ``w_i(λ) = a(x_i) b(x_i) exp(λ·φ
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +93,8 @@ def fit_moments(
     seed: int | None = 0,
     tolerance: float = 1e-10,
     max_iterations: int = 200,
-    batch_size: int = 4096,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
 ) -> MomentFit:
     """Fit λ jointly for every ``ba.moment`` site of ``target`` so that ``E_p[φ] = μ̄`` (SPEC §1.3).
 
@@ -100,7 +102,9 @@ def fit_moments(
     SNIS on ``num_samples`` draws from ``proposal`` (the prior by default). Stops when
     ``max |μ(λ) − μ̄| < tolerance``; the other factor sites stay in the weights, so λ fits the
     full target ``a · b · exp(λ·φ)``. Returns the fitted target in ``MomentFit.target``.
+    ``chunk_size`` draws are scored at a time (default 4096; ``batch_size`` is its old name).
     """
+    chunk_size = _chunk_size(chunk_size, batch_size)
     require_positive("tolerance", tolerance)
     require_positive("max_iterations", max_iterations)
     exact = num_samples is None
@@ -116,9 +120,9 @@ def fit_moments(
         where = f"the {len(features.log_base)} sequences of the support with non-zero target mass"
     else:
         require_positive("num_samples", num_samples)
-        require_positive("batch_size", batch_size)
+        require_positive("chunk_size", chunk_size)
         with seeded(seed):
-            features = _sampled_features(target, context, num_samples, proposal, batch_size)
+            features = _sampled_features(target, context, num_samples, proposal, chunk_size)
         where = f"the {len(features.log_base)} of {num_samples} draws with non-zero weight"
     active = _check_feasible(features, where)
     lam, history = _newton(features, _initial_lambdas(target, features), active, tolerance,
@@ -141,6 +145,17 @@ def fit_moments(
     )
 
 
+def _chunk_size(chunk_size: int | None, batch_size: int | None) -> int:
+    """``chunk_size``, or for one release its old name ``batch_size`` (with a DeprecationWarning)."""
+    if batch_size is None:
+        return 4096 if chunk_size is None else chunk_size
+    if chunk_size is not None:
+        raise ConfigError("fit_moments: batch_size= is the old name of chunk_size=; give chunk_size= only")
+    warnings.warn("fit_moments(batch_size=...) is deprecated and will be removed in the next release; "
+                  "use chunk_size=", DeprecationWarning, stacklevel=3)
+    return batch_size
+
+
 def _enumerated_features(target: Target, context: Any) -> _Features:
     support = target.support(context)
     phi, mean, log_other, sites = _split_factors(target, support, context)
@@ -148,10 +163,10 @@ def _enumerated_features(target: Target, context: Any) -> _Features:
 
 
 def _sampled_features(target: Target, context: Any, num_samples: int,
-                      proposal: SequenceDistribution | None, batch_size: int) -> _Features:
+                      proposal: SequenceDistribution | None, chunk_size: int) -> _Features:
     prior, proposal = resolve_proposal(target, proposal, context)
     phis, log_bases = [], []
-    for size in batches(num_samples, batch_size, "fit_moments"):
+    for size in batches(num_samples, chunk_size, "fit_moments"):
         draws = proposal.sample_batch(size)
         log_q = draws.log_q.double().cpu()
         log_prior = log_q if proposal is prior else prior.log_prob(draws).detach().double().cpu()
