@@ -137,8 +137,7 @@ class DPG(PolicyEngineConfig):
         if self.contexts is not None:
             self.name = "CDPG"
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None
-            ) -> Posterior:
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
         """Fit π to the target for one ``context``, or amortised over several (CDPG, §2.5)."""
         name = "CDPG" if contexts is not None else self.name
         contexts, policy = self.contexts_and_policy(target, context, contexts)

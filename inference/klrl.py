@@ -157,8 +157,7 @@ class KLRL(PolicyEngineConfig):
                 "reward (default) or k2 in the loss", stacklevel=3)
         self.name = f"KLRL-{self.algorithm}"
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None
-            ) -> Posterior:
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
         """Fit π for one ``context``, or amortised over several ``contexts``."""
         contexts, policy = self.contexts_and_policy(target, context, contexts)
         state = KLRLState(contexts_digest(contexts), self.kl_scale)
@@ -188,16 +187,14 @@ class KLRL(PolicyEngineConfig):
             yield conditional, score_batch(target, conditional, per_context, c)
 
     def _task_reward(self, batch: ScoredBatch) -> tuple[torch.Tensor, float]:
-        """log L(y), with ``constraint_penalty`` for a violated hard constraint, and the
-        fraction violating."""
+        """log L(y), ``constraint_penalty`` where a hard constraint fails, and the failing fraction."""
         log_potential = batch.log_score - batch.log_prior
         violated = torch.isneginf(log_potential)
         return log_potential.masked_fill(violated, self.constraint_penalty), float(
             violated.float().mean())
 
-    def _policy_gradient_step(self, target: Target, policy: SequenceDistribution,
-                              contexts: list[Any], state: KLRLState
-                              ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _policy_gradient_step(self, target: Target, policy: SequenceDistribution, contexts: list[Any],
+                              state: KLRLState) -> tuple[torch.Tensor, dict[str, float]]:
         """REINFORCE or RLOO on R = log L − c·k (§3.2), k in the reward or in the loss."""
         losses, rows = [], []
         c = state.kl_scale
