@@ -130,7 +130,7 @@ def fine_tune(target: ba.Target, prior: CausalLM, train: list[str],
               sizes: Sizes) -> dict[str, CausalLM]:
     """CDPG and KLRL-rloo on the train prompts only; returns the trained policies."""
     settings = {"steps": sizes.policy_steps, "batch_size": sizes.policy_batch,
-                "learning_rate": sizes.learning_rate, "contexts": train,
+                "learning_rate": sizes.learning_rate,
                 "contexts_per_step": sizes.contexts_per_step, "eval_samples": 1, "seed": 0,
                 "progress": False}
     engines = {"CDPG": lambda policy: DPG(baseline=True, policy=policy, **settings),
@@ -138,7 +138,7 @@ def fine_tune(target: ba.Target, prior: CausalLM, train: list[str],
     policies = {}
     for name, engine in engines.items():
         policy = top_layers_policy(prior, sizes.trainable_layers)
-        engine(policy).fit(target)
+        engine(policy).fit(target, contexts=train)
         policies[name] = policy
     return policies
 

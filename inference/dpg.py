@@ -26,7 +26,16 @@ from bayesalign.posterior import Posterior
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 
-from .policy import PolicyEngineConfig, ScoredBatch, finish, pick_contexts, score_batch
+from .policy import (
+    PolicyEngineConfig,
+    ScoredBatch,
+    contexts_digest,
+    finish,
+    mean_metrics,
+    pick_contexts,
+    require_same_contexts,
+    score_batch,
+)
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
 MAX_LOG_RATIO = 50.0
@@ -44,30 +53,6 @@ def f_prime(divergence: str, log_t: torch.Tensor) -> torch.Tensor:
     # JS: f(t) = ½[t log t − (1 + t) log((1 + t)/2)], f'(t) = ½ log(2t/(1 + t)),
     # written with softplus(−log t) so t = inf (p = 0) gives the finite limit ½ log 2.
     return 0.5 * (math.log(2) - F.softplus(-log_t))
-
-
-class RunningLogZ:
-    """Running mean of importance weights per context: log Ẑ_c pooled over all steps (§2.2)."""
-
-    def __init__(self) -> None:
-        self.log_sum: dict[str, float] = {}
-        self.count: dict[str, int] = {}
-
-    def update(self, key: str, log_w: torch.Tensor) -> float:
-        batch = float(torch.logsumexp(log_w, 0))
-        self.log_sum[key] = float(torch.logaddexp(torch.tensor(self.log_sum.get(key, -math.inf)),
-                                                  torch.tensor(batch)))
-        self.count[key] = self.count.get(key, 0) + log_w.numel()
-        return self.log_z(key)
-
-    def log_z(self, key: str) -> float:
-        return self.log_sum[key] - math.log(self.count[key])
-
-    def state_dict(self) -> dict:
-        return {"log_sum": dict(self.log_sum), "count": dict(self.count)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.log_sum, self.count = dict(state["log_sum"]), dict(state["count"])
 
 
 class Proposal:
@@ -88,21 +73,49 @@ class Proposal:
         self.copy = copy
         self.swaps += 1
 
+
+@dataclass
+class DPGState:
+    """What a DPG run checkpoints besides the policy: which contexts it trains on, the running
+    log Ẑ_c, the f-DPG baseline b and the off-policy proposal (None on-policy)."""
+
+    contexts: str  # `contexts_digest` of the training contexts
+    baseline: float  # b of §2.3: E_π f' = −1 for forward KL; a running mean of f' otherwise
+    proposal: Proposal | None
+    log_sum: dict[str, float] = field(default_factory=dict)  # per context: log Σ of all weights
+    count: dict[str, int] = field(default_factory=dict)  # per context: how many weights
+
+    def update_log_z(self, key: str, log_w: torch.Tensor) -> float:
+        """Pool a batch's weights into the running mean Ẑ_c over all steps (§2.2)."""
+        batch = float(torch.logsumexp(log_w, 0))
+        self.log_sum[key] = float(torch.logaddexp(torch.tensor(self.log_sum.get(key, -math.inf)),
+                                                  torch.tensor(batch)))
+        self.count[key] = self.count.get(key, 0) + log_w.numel()
+        return self.log_z(key)
+
+    def log_z(self, key: str) -> float:
+        return self.log_sum[key] - math.log(self.count[key])
+
     def state_dict(self) -> dict:
-        module = None if self.copy is None else self.copy.module.state_dict()
-        return {"swaps": self.swaps, "module": module}
+        proposal = self.proposal
+        copy = proposal.copy.module.state_dict() if proposal and proposal.copy else None
+        return {"contexts": self.contexts, "baseline": self.baseline, "log_sum": dict(self.log_sum),
+                "count": dict(self.count), "swaps": proposal.swaps if proposal else 0,
+                "proposal": copy}
 
     def load_state_dict(self, state: dict) -> None:
-        self.swaps = state["swaps"]
-        if state["module"] is not None:
-            self.swap()
-            self.swaps = state["swaps"]
-            self.copy.module.load_state_dict(state["module"])
+        require_same_contexts(state["contexts"], self.contexts)
+        self.baseline, self.log_sum, self.count = state["baseline"], state["log_sum"], state["count"]
+        if self.proposal is not None:
+            if state["proposal"] is not None:
+                self.proposal.swap()
+                self.proposal.copy.module.load_state_dict(state["proposal"])
+            self.proposal.swaps = state["swaps"]
 
 
 @dataclass
 class DPG(PolicyEngineConfig):
-    """DPG and its family; a conditional target with ``contexts`` gives CDPG."""
+    """DPG and its family; a conditional target fitted over several ``contexts`` gives CDPG."""
 
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*PolicyEngineConfig.RESUMABLE_CHANGES,
                                                      "proposal")
@@ -124,113 +137,104 @@ class DPG(PolicyEngineConfig):
         if self.contexts is not None:
             self.name = "CDPG"
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
-        contexts, policy = self.contexts_and_policy(target, context)
-        log_z = RunningLogZ()
-        baseline = {"value": -1.0 if self.divergence == "kl" else 0.0}
-        state = {"log_z": log_z, "baseline": _Scalar(baseline)}
-        proposal = None
-        if self.off_policy:
-            initial = self.proposal or target.prior(contexts[0])
-            proposal = Proposal(initial, policy)
-            state["proposal"] = proposal
-        trainer = Trainer(self, policy, self.name, state)
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
+        """Fit π to the target for one ``context``, or amortised over several (CDPG, §2.5)."""
+        name = "CDPG" if contexts is not None else self.name
+        contexts, policy = self.contexts_and_policy(target, context, contexts)
+        proposal = Proposal(self.proposal or target.prior(contexts[0]), policy) \
+            if self.off_policy else None
+        state = DPGState(contexts_digest(contexts), -1.0 if self.divergence == "kl" else 0.0, proposal)
+        trainer = Trainer(self, policy, name, {"dpg": state})
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
             chosen = pick_contexts(contexts, self.contexts_per_step)
-            per_context = max(1, self.batch_size // len(chosen))
             losses, metrics = [], []
             for c in chosen:
-                conditional = policy if c is NO_CONTEXT else policy.given(c)
-                q = conditional if proposal is None else _given(proposal.current(), c)
-                batch = score_batch(target, q, per_context, c)
-                key = str(c) if self.per_context_z else "global"
-                current = log_z.update(key, trainer.gather(batch.log_w))
-                if not math.isfinite(current):
-                    if len(contexts) == 1:
-                        raise EmptySupportError(
-                            f"{self.name} step {step_index}: all {len(batch.y)} importance "
-                            f"weights are zero for context {c!r} and no earlier step had a "
-                            "positive one; every sample violates a constraint — use a proposal "
-                            "that reaches the target's support"
-                        )
-                    # CDPG: no draw for c has had P > 0 yet, so every P/(Ẑ_c q) is 0 whatever
-                    # Ẑ_c is; one empty context among many is routine under a hard constraint.
-                    current = 0.0
-                loss, info = self._loss(conditional, batch, current, baseline)
+                conditional = policy.given(c)
+                q = conditional if proposal is None else proposal.current().given(c)
+                batch = score_batch(target, q, max(1, self.batch_size // len(chosen)), c)
+                log_z = self._update_log_z(state, trainer.gather(batch.log_w), batch, step_index,
+                                           several=len(contexts) > 1)
+                loss, info = self._loss(conditional, batch, log_z, state)
                 losses.append(loss)
                 metrics.append(info)
-            if proposal is not None and (step_index + 1) % self.proposal_update_interval == 0:
-                metrics[0].update(self._maybe_swap(target, proposal, policy, chosen[0]))
-            metrics[0]["proposal_swaps"] = float(proposal.swaps) if proposal else 0.0
-            merged = {k: sum(m[k] for m in metrics if k in m) / len(metrics) for k in metrics[0]}
-            return torch.stack(losses).mean(), merged
+            swap = self._proposal_schedule(target, proposal, policy, chosen[0], step_index)
+            return torch.stack(losses).mean(), {**mean_metrics(metrics), **swap}
 
         history = trainer.run(step)
-        running = {f"running_log_z[{key}]": log_z.log_z(key) for key in log_z.count}
-        return finish(target, policy, self.name, contexts, history,
+        running = {f"running_log_z[{key}]": state.log_z(key) for key in state.count}
+        return finish(target, policy, name, contexts, history,
                       {"divergence": self.divergence, "baseline": self.baseline,
                        "off_policy": self.off_policy, "steps": self.steps,
                        "batch_size": self.batch_size}, self.eval_samples, running, seed=self.seed)
 
+    def _update_log_z(self, state: DPGState, log_w: torch.Tensor, batch: ScoredBatch,
+                      step_index: int, several: bool) -> float:
+        """Pool this batch's weights into log Ẑ_c (§2.2, §2.5); 0 for a CDPG context with no P > 0 yet."""
+        log_z = state.update_log_z(str(batch.context) if self.per_context_z else "global", log_w)
+        if math.isfinite(log_z):
+            return log_z
+        if not several:
+            raise EmptySupportError(
+                f"{self.name} step {step_index}: all {len(batch.y)} importance weights are zero "
+                f"for context {batch.context!r} and no earlier step had a positive one; every "
+                "sample violates a constraint — use a proposal that reaches the target's support"
+            )
+        # CDPG: no draw for c has had P > 0 yet, so every P/(Ẑ_c q) is 0 whatever Ẑ_c is; one
+        # empty context among many is routine under a hard constraint.
+        return 0.0
+
     def _loss(
-        self, policy: SequenceDistribution, batch: ScoredBatch, log_z: float, baseline: dict
+        self, policy: SequenceDistribution, batch: ScoredBatch, log_z: float, state: DPGState
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """f-DPG's loss mean (π/q)(f'(π/p) − b) log π (§2.3, Go et al. 2023) and its metrics."""
         log_pi = policy.token_log_probs(batch.y).sum(-1)
         log_pi_detached = log_pi.detach().double()
         pi_over_q = torch.exp(log_pi_detached - batch.log_q)
-        log_t = log_pi_detached - (batch.log_score - log_z)
-        grad_weight = f_prime(self.divergence, log_t)
+        grad_weight = f_prime(self.divergence, log_pi_detached - (batch.log_score - log_z))
         if self.baseline:
             if self.divergence != "kl":
-                baseline["value"] = 0.99 * baseline["value"] + 0.01 * float(
+                state.baseline = 0.99 * state.baseline + 0.01 * float(
                     (pi_over_q * grad_weight).mean())
-            grad_weight = grad_weight - baseline["value"]
+            grad_weight = grad_weight - state.baseline
         # Samples outside the target's support (P = 0) keep their term: with a baseline they
         # are pushed down, which is how π learns to put no mass there.
-        coefficient = pi_over_q * grad_weight
-        loss = (coefficient.to(log_pi.dtype) * log_pi).mean()
-        finite = torch.isfinite(batch.log_w)
-        info = {
-            "log_z": log_z,
-            "ess_fraction": dx.ess(batch.log_w) / len(batch.y) if finite.any() else 0.0,
-            "log_potential": float((pi_over_q[finite] * (batch.log_score - batch.log_prior)[finite]
-                                    ).sum() / pi_over_q.sum()) if finite.any() else -math.inf,
-            "kl_policy_prior": float((pi_over_q * (log_pi_detached - batch.log_prior)).mean()),
-        }
-        if finite.any():
-            info["kl_target_policy"] = dx.is_kl_target_policy(batch.log_score, batch.log_q,
-                                                              log_pi_detached)
-        return loss, info
+        loss = ((pi_over_q * grad_weight).to(log_pi.dtype) * log_pi).mean()
+        return loss, _metrics(batch, log_z, log_pi_detached, pi_over_q)
 
-    def _maybe_swap(self, target: Target, proposal: Proposal, policy: SequenceDistribution,
-                    context: Any) -> dict[str, float]:
-        """Swap q ← π when the IS estimate of KL(p‖π) beats KL(p‖q) (Algorithm 1 of GDC)."""
-        q = _given(proposal.current(), context)
-        batch = score_batch(target, q, self.proposal_update_samples, context)
-        if not torch.isfinite(batch.log_w).any():
-            return {}
-        with torch.no_grad():
-            log_pi = _given(policy, context).log_prob(batch.y).double()
-        kl_pi = dx.is_kl_target_policy(batch.log_score, batch.log_q, log_pi)
-        kl_q = dx.is_kl_target_policy(batch.log_score, batch.log_q, batch.log_q)
-        if kl_pi < kl_q:
-            proposal.swap()
-        return {"kl_target_policy_check": kl_pi, "kl_target_proposal_check": kl_q}
+    def _proposal_schedule(self, target: Target, proposal: Proposal | None,
+                           policy: SequenceDistribution, context: Any,
+                           step_index: int) -> dict[str, float]:
+        """GDC's Algorithm 1 (§2.2): every ``proposal_update_interval`` steps, q ← π if the IS
+        estimate of KL(p‖π) on fresh draws from q beats that of KL(p‖q)."""
+        if proposal is None:
+            return {"proposal_swaps": 0.0}
+        checks = {}
+        if (step_index + 1) % self.proposal_update_interval == 0:
+            batch = score_batch(target, proposal.current().given(context),
+                                self.proposal_update_samples, context)
+            if torch.isfinite(batch.log_w).any():
+                with torch.no_grad():
+                    log_pi = policy.given(context).log_prob(batch.y).double()
+                kl_pi = dx.is_kl_target_policy(batch.log_score, batch.log_q, log_pi)
+                kl_q = dx.is_kl_target_policy(batch.log_score, batch.log_q, batch.log_q)
+                if kl_pi < kl_q:
+                    proposal.swap()
+                checks = {"kl_target_policy_check": kl_pi, "kl_target_proposal_check": kl_q}
+        return {**checks, "proposal_swaps": float(proposal.swaps)}
 
 
-def _given(distribution: SequenceDistribution, context: Any) -> SequenceDistribution:
-    return distribution if context is NO_CONTEXT else distribution.given(context)
-
-
-class _Scalar:
-    """A dict-held float made checkpointable (the running f-DPG baseline)."""
-
-    def __init__(self, holder: dict) -> None:
-        self.holder = holder
-
-    def state_dict(self) -> dict:
-        return dict(self.holder)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.holder.update(state)
+def _metrics(batch: ScoredBatch, log_z: float, log_pi: torch.Tensor,
+             pi_over_q: torch.Tensor) -> dict[str, float]:
+    """log Ẑ, ESS, E_π log φ, KL(π‖a) and KL(p‖π) of one batch, by IS from q (§2.6)."""
+    finite = torch.isfinite(batch.log_w)
+    info = {
+        "log_z": log_z,
+        "ess_fraction": dx.ess(batch.log_w) / len(batch.y) if finite.any() else 0.0,
+        "log_potential": float((pi_over_q[finite] * (batch.log_score - batch.log_prior)[finite]
+                                ).sum() / pi_over_q.sum()) if finite.any() else -math.inf,
+        "kl_policy_prior": float((pi_over_q * (log_pi - batch.log_prior)).mean()),
+    }
+    if finite.any():
+        info["kl_target_policy"] = dx.is_kl_target_policy(batch.log_score, batch.log_q, log_pi)
+    return info

@@ -14,20 +14,30 @@ then the target with L clipped at e^penalty on violating sequences.
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, require_positive
 from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 
-from .policy import PolicyEngineConfig, finish, pick_contexts, score_batch
+from .policy import (
+    PolicyEngineConfig,
+    ScoredBatch,
+    contexts_digest,
+    finish,
+    mean_metrics,
+    pick_contexts,
+    require_same_contexts,
+    score_batch,
+)
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 UNBIASED = {("k1", "reward"), ("k2", "loss")}
@@ -42,27 +52,70 @@ def kl_estimate(estimator: str, log_ratio: torch.Tensor) -> torch.Tensor:
     return torch.expm1(-log_ratio) + log_ratio  # k3 = (ρ − 1) − log ρ
 
 
-def leave_one_out(values: torch.Tensor) -> torch.Tensor:
-    """RLOO baseline: for each sample, the mean of the others (Kool et al. 2019)."""
-    n = values.numel()
-    return (values.sum() - values) / (n - 1)
+def rloo_advantage(reward: torch.Tensor) -> torch.Tensor:
+    """R_i − b_i, b_i the mean reward of the group's other samples (§3.2, Kool et al. 2019)."""
+    return reward - (reward.sum() - reward) / (reward.numel() - 1)
 
 
-class _Controller:
-    """Adaptive KL multiplier c (Ziegler et al. 2019): c ← c(1 + K·clip(KL/target − 1, ±0.2))."""
+def clipped_surrogate(new: torch.Tensor, old: torch.Tensor, advantage: torch.Tensor,
+                      mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's min(ρ_t A, clip(ρ_t, 1 ± ε) A) per token, ρ_t = π/π_old, averaged per sequence (§3.2)."""
+    ratio = torch.exp(new - old)
+    clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
+    surrogate = torch.minimum(ratio * advantage, clipped * advantage)
+    return (surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
-    def __init__(self, value: float) -> None:
-        self.value = value
-        self.reward_baseline = 0.0
-        self.rollout: dict | None = None
+
+@dataclass
+class RolloutGroup:
+    """One context's draws in a PPO rollout, as plain tensors (no decoder closure) so a
+    checkpoint taken mid-rollout pickles."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    row_context: Any  # the draws' per-row contexts (`Sequences.context`)
+    context: Any
+    old_log_probs: torch.Tensor  # [batch, length]: per-token log π_old
+    advantage: torch.Tensor  # [batch]: RLOO advantages of the k1-penalised reward
+
+
+@dataclass
+class PPORollout:
+    """A PPO rollout: its groups and the metrics of the step that drew it."""
+
+    groups: list[RolloutGroup]
+    metrics: dict[str, float]
+
+
+@dataclass
+class KLRLState:
+    """What a KL-RL run checkpoints besides the policy: which contexts it trains on, the KL
+    multiplier c, REINFORCE's reward baseline and the PPO rollout (None before the first)."""
+
+    contexts: str  # `contexts_digest` of the training contexts
+    kl_scale: float
+    reward_baseline: float = 0.0
+    rollout: PPORollout | None = None
+
+    def reinforce_advantage(self, reward: torch.Tensor) -> torch.Tensor:
+        """R − b with b a moving average of past mean rewards (§3.2), then b is updated."""
+        advantage = reward - self.reward_baseline
+        self.reward_baseline = 0.9 * self.reward_baseline + 0.1 * float(reward.mean())
+        return advantage
+
+    def adapt_kl_scale(self, kl: float, target_kl: float, gain: float) -> None:
+        """Ziegler et al.'s controller c ← c(1 + K·clip(KL/KL_target − 1, ±0.2)) (§3.2)."""
+        self.kl_scale *= 1 + gain * max(-0.2, min(0.2, kl / target_kl - 1))
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "reward_baseline": self.reward_baseline,
-                "rollout": self.rollout}
+        return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.value, self.reward_baseline = state["value"], state["reward_baseline"]
-        self.rollout = state["rollout"]
+        require_same_contexts(state["contexts"], self.contexts)
+        rollout = state["rollout"]
+        self.kl_scale, self.reward_baseline = state["kl_scale"], state["reward_baseline"]
+        self.rollout = None if rollout is None else PPORollout(
+            [RolloutGroup(**group) for group in rollout["groups"]], rollout["metrics"])
 
 
 @dataclass
@@ -104,18 +157,19 @@ class KLRL(PolicyEngineConfig):
                 "reward (default) or k2 in the loss", stacklevel=3)
         self.name = f"KLRL-{self.algorithm}"
 
-    def fit(self, target: Target, context: Any = NO_CONTEXT) -> Posterior:
-        contexts, policy = self.contexts_and_policy(target, context)
-        controller = _Controller(self.kl_scale)
-        trainer = Trainer(self, policy, self.name, {"controller": controller})
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
+        """Fit π for one ``context``, or amortised over several ``contexts``."""
+        contexts, policy = self.contexts_and_policy(target, context, contexts)
+        state = KLRLState(contexts_digest(contexts), self.kl_scale)
+        trainer = Trainer(self, policy, self.name, {"klrl": state})
         updates_per_rollout = self.ppo_epochs * self.ppo_minibatches
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
             if self.algorithm != "ppo":
-                return self._policy_gradient_step(target, policy, contexts, controller)
-            if step_index % updates_per_rollout == 0 or controller.rollout is None:
-                controller.rollout = self._rollout(target, policy, contexts, controller)
-            return self._ppo_step(policy, controller, step_index % updates_per_rollout)
+                return self._policy_gradient_step(target, policy, contexts, state)
+            if step_index % updates_per_rollout == 0 or state.rollout is None:
+                state.rollout = self._rollout(target, policy, contexts, state)
+            return self._ppo_step(policy, state.rollout, step_index % updates_per_rollout)
 
         history = trainer.run(step)
         return finish(target, policy, self.name, contexts, history,
@@ -123,57 +177,52 @@ class KLRL(PolicyEngineConfig):
                        "kl_placement": self.kl_placement, "steps": self.steps,
                        "batch_size": self.batch_size}, self.eval_samples, seed=self.seed)
 
-    def _scored_groups(self, target, policy, contexts):
+    def _scored_groups(self, target: Target, policy: SequenceDistribution, contexts: list[Any]
+                       ) -> Iterator[tuple[SequenceDistribution, ScoredBatch]]:
+        """Draw the step's contexts, then π's samples for each, scored by the target."""
         chosen = pick_contexts(contexts, self.contexts_per_step)
         per_context = max(2, self.batch_size // len(chosen))
         for c in chosen:
-            conditional = policy if c is NO_CONTEXT else policy.given(c)
+            conditional = policy.given(c)
             yield conditional, score_batch(target, conditional, per_context, c)
 
-    def _task_reward(self, batch) -> tuple[torch.Tensor, float]:
+    def _task_reward(self, batch: ScoredBatch) -> tuple[torch.Tensor, float]:
+        """log L(y), ``constraint_penalty`` where a hard constraint fails, and the failing fraction."""
         log_potential = batch.log_score - batch.log_prior
         violated = torch.isneginf(log_potential)
         return log_potential.masked_fill(violated, self.constraint_penalty), float(
             violated.float().mean())
 
-    def _policy_gradient_step(self, target, policy, contexts, controller):
+    def _policy_gradient_step(self, target: Target, policy: SequenceDistribution, contexts: list[Any],
+                              state: KLRLState) -> tuple[torch.Tensor, dict[str, float]]:
+        """REINFORCE or RLOO on R = log L − c·k (§3.2), k in the reward or in the loss."""
         losses, rows = [], []
+        c = state.kl_scale
         for conditional, batch in self._scored_groups(target, policy, contexts):
             log_pi = conditional.token_log_probs(batch.y).sum(-1)
             log_ratio = log_pi.detach().double() - batch.log_prior
             task, violated = self._task_reward(batch)
-            c = controller.value
             reward = task - c * kl_estimate(self.kl_estimator, log_ratio) \
                 if self.kl_placement == "reward" else task
-            if self.algorithm == "rloo":
-                advantage = reward - leave_one_out(reward)
-            else:
-                advantage = reward - controller.reward_baseline
-                controller.reward_baseline = 0.9 * controller.reward_baseline + 0.1 * float(
-                    reward.mean())
+            advantage = rloo_advantage(reward) if self.algorithm == "rloo" \
+                else state.reinforce_advantage(reward)
             loss = -(advantage.to(log_pi.dtype) * log_pi).mean()
             if self.kl_placement == "loss":
                 grad_ratio = log_pi - batch.log_prior.to(log_pi.dtype)
                 loss = loss + c * kl_estimate(self.kl_estimator, grad_ratio).mean()
             losses.append(loss)
-            rows.append(self._metrics(task, log_ratio, violated, c))
-        self._adapt(controller, rows)
-        return torch.stack(losses).mean(), _mean_rows(rows)
+            rows.append(_metrics(task, log_ratio, violated, c))
+        self._adapt(state, rows)
+        return torch.stack(losses).mean(), mean_metrics(rows)
 
-    def _metrics(self, task, log_ratio, violated, c) -> dict[str, float]:
-        kl = float(log_ratio.mean())
-        return {"log_potential": float(task.mean()), "kl_policy_prior": kl,
-                "objective": float(task.mean()) - kl, "kl_scale": c,
-                "constraint_violations": violated}
+    def _adapt(self, state: KLRLState, rows: list[dict[str, float]]) -> None:
+        """Adapt c to the step's KL(π‖a) when ``target_kl`` is set."""
+        if self.target_kl is not None:
+            kl = sum(r["kl_policy_prior"] for r in rows) / len(rows)
+            state.adapt_kl_scale(kl, self.target_kl, self.adaptive_kl_gain)
 
-    def _adapt(self, controller: _Controller, rows: list[dict[str, float]]) -> None:
-        if self.target_kl is None:
-            return
-        kl = sum(r["kl_policy_prior"] for r in rows) / len(rows)
-        error = max(-0.2, min(0.2, kl / self.target_kl - 1))
-        controller.value *= 1 + self.adaptive_kl_gain * error
-
-    def _rollout(self, target, policy, contexts, controller) -> dict:
+    def _rollout(self, target: Target, policy: SequenceDistribution, contexts: list[Any],
+                 state: KLRLState) -> PPORollout:
         """One PPO rollout: samples, old per-token log-probs and RLOO advantages (k1 reward)."""
         groups, rows = [], []
         for conditional, batch in self._scored_groups(target, policy, contexts):
@@ -181,41 +230,36 @@ class KLRL(PolicyEngineConfig):
                 old = conditional.token_log_probs(batch.y).double()
             log_ratio = old.sum(-1) - batch.log_prior
             task, violated = self._task_reward(batch)
-            reward = task - controller.value * kl_estimate(self.kl_estimator, log_ratio)
-            # Plain tensors (no decoder closure), so a checkpoint taken mid-rollout pickles.
-            groups.append({"tokens": batch.y.tokens, "mask": batch.y.mask,
-                           "row_context": batch.y.context, "context": batch.context,
-                           "old": old, "advantage": reward - leave_one_out(reward)})
-            rows.append(self._metrics(task, log_ratio, violated, controller.value))
-        self._adapt(controller, rows)
-        return {"groups": groups, "metrics": _mean_rows(rows)}
+            reward = task - state.kl_scale * kl_estimate(self.kl_estimator, log_ratio)
+            groups.append(RolloutGroup(batch.y.tokens, batch.y.mask, batch.y.context,
+                                       batch.context, old, rloo_advantage(reward)))
+            rows.append(_metrics(task, log_ratio, violated, state.kl_scale))
+        self._adapt(state, rows)
+        return PPORollout(groups, mean_metrics(rows))
 
-    def _ppo_step(self, policy, controller, update_index: int):
+    def _ppo_step(self, policy: SequenceDistribution, rollout: PPORollout, update_index: int
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
         """One clipped-surrogate minibatch update on the cached rollout (per-token ratios)."""
-        rollout = controller.rollout
         minibatch = update_index % self.ppo_minibatches
         losses = []
-        for group in rollout["groups"]:
-            y_all = Sequences(group["tokens"], group["mask"], context=group["row_context"])
+        for group in rollout.groups:
+            y_all = Sequences(group.tokens, group.mask, context=group.row_context)
             rows = torch.arange(len(y_all)).chunk(self.ppo_minibatches)[minibatch]
             if len(rows) == 0:
                 continue
             y = y_all[rows]
-            conditional = policy if group["context"] is NO_CONTEXT else policy.given(
-                group["context"])
-            new = conditional.token_log_probs(y)
-            mask = y.mask.to(new.device)
-            ratio = torch.exp(new - group["old"][rows].to(new))
-            advantage = group["advantage"][rows].to(new)[:, None]
-            clipped = torch.clamp(ratio, 1 - self.ppo_clip, 1 + self.ppo_clip)
-            surrogate = torch.minimum(ratio * advantage, clipped * advantage)
-            per_sequence = (surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            new = policy.given(group.context).token_log_probs(y)
+            per_sequence = clipped_surrogate(
+                new, group.old_log_probs[rows].to(new), group.advantage[rows].to(new)[:, None],
+                y.mask.to(new.device), self.ppo_clip)
             losses.append(-per_sequence.mean())
-        metrics = dict(rollout["metrics"])
-        metrics["ppo_update"] = float(update_index)
-        return torch.stack(losses).mean(), metrics
+        return torch.stack(losses).mean(), {**rollout.metrics, "ppo_update": float(update_index)}
 
 
-def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {
-        "objective": math.nan}
+def _metrics(task: torch.Tensor, log_ratio: torch.Tensor, violated: float,
+             kl_scale: float) -> dict[str, float]:
+    """E log L, KL(π‖a) and their difference (the objective over kl_coef) of one group."""
+    kl = float(log_ratio.mean())
+    return {"log_potential": float(task.mean()), "kl_policy_prior": kl,
+            "objective": float(task.mean()) - kl, "kl_scale": kl_scale,
+            "constraint_violations": violated}

@@ -13,6 +13,7 @@ one fixed sample ``x_i ∼ q`` with weights ``w_i(λ) = a(x_i) b(x_i) exp(λ·φ
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +93,8 @@ def fit_moments(
     seed: int | None = 0,
     tolerance: float = 1e-10,
     max_iterations: int = 200,
-    batch_size: int = 4096,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
 ) -> MomentFit:
     """Fit λ jointly for every ``ba.moment`` site of ``target`` so that ``E_p[φ] = μ̄`` (SPEC §1.3).
 
@@ -100,7 +102,9 @@ def fit_moments(
     SNIS on ``num_samples`` draws from ``proposal`` (the prior by default). Stops when
     ``max |μ(λ) − μ̄| < tolerance``; the other factor sites stay in the weights, so λ fits the
     full target ``a · b · exp(λ·φ)``. Returns the fitted target in ``MomentFit.target``.
+    ``chunk_size`` draws are scored at a time (default 4096; ``batch_size`` is its old name).
     """
+    chunk_size = _chunk_size(chunk_size, batch_size)
     require_positive("tolerance", tolerance)
     require_positive("max_iterations", max_iterations)
     exact = num_samples is None
@@ -116,9 +120,9 @@ def fit_moments(
         where = f"the {len(features.log_base)} sequences of the support with non-zero target mass"
     else:
         require_positive("num_samples", num_samples)
-        require_positive("batch_size", batch_size)
+        require_positive("chunk_size", chunk_size)
         with seeded(seed):
-            features = _sampled_features(target, context, num_samples, proposal, batch_size)
+            features = _sampled_features(target, context, num_samples, proposal, chunk_size)
         where = f"the {len(features.log_base)} of {num_samples} draws with non-zero weight"
     active = _check_feasible(features, where)
     lam, history = _newton(features, _initial_lambdas(target, features), active, tolerance,
@@ -141,22 +145,28 @@ def fit_moments(
     )
 
 
+def _chunk_size(chunk_size: int | None, batch_size: int | None) -> int:
+    """``chunk_size``, or for one release its old name ``batch_size`` (with a DeprecationWarning)."""
+    if batch_size is None:
+        return 4096 if chunk_size is None else chunk_size
+    if chunk_size is not None:
+        raise ConfigError("fit_moments: batch_size= is the old name of chunk_size=; give chunk_size= only")
+    warnings.warn("fit_moments(batch_size=...) is deprecated and will be removed in the next release; "
+                  "use chunk_size=", DeprecationWarning, stacklevel=3)
+    return batch_size
+
+
 def _enumerated_features(target: Target, context: Any) -> _Features:
     support = target.support(context)
     phi, mean, log_other, sites = _split_factors(target, support, context)
     return _live(target, phi, mean, support.log_q.double().cpu() + log_other, sites, 0)
 
 
-def _sampled_features(
-    target: Target,
-    context: Any,
-    num_samples: int,
-    proposal: SequenceDistribution | None,
-    batch_size: int,
-) -> _Features:
+def _sampled_features(target: Target, context: Any, num_samples: int,
+                      proposal: SequenceDistribution | None, chunk_size: int) -> _Features:
     prior, proposal = resolve_proposal(target, proposal, context)
     phis, log_bases = [], []
-    for size in batches(num_samples, batch_size, "fit_moments"):
+    for size in batches(num_samples, chunk_size, "fit_moments"):
         draws = proposal.sample_batch(size)
         log_q = draws.log_q.double().cpu()
         log_prior = log_q if proposal is prior else prior.log_prob(draws).detach().double().cpu()
@@ -203,14 +213,8 @@ def _split_factors(
     return torch.cat(columns, 1), torch.cat(means), log_other, sites
 
 
-def _live(
-    target: Target,
-    phi: torch.Tensor,
-    mean: torch.Tensor,
-    log_base: torch.Tensor,
-    sites: dict[str, tuple[slice, torch.Size]],
-    num_draws: int,
-) -> _Features:
+def _live(target: Target, phi: torch.Tensor, mean: torch.Tensor, log_base: torch.Tensor,
+          sites: dict[str, tuple[slice, torch.Size]], num_draws: int) -> _Features:
     """Keep the rows with non-zero base mass: the others carry no weight for any λ."""
     live = torch.isfinite(log_base)
     if not live.any():
@@ -264,14 +268,8 @@ def _moments(features: _Features, lam: torch.Tensor) -> torch.Tensor:
     return _dual(features, lam)[1] @ features.phi
 
 
-def _newton(
-    features: _Features,
-    lam: torch.Tensor,
-    active: torch.Tensor,
-    tolerance: float,
-    max_iterations: int,
-    where: str,
-) -> tuple[torch.Tensor, list[float]]:
+def _newton(features: _Features, lam: torch.Tensor, active: torch.Tensor, tolerance: float,
+            max_iterations: int, where: str) -> tuple[torch.Tensor, list[float]]:
     """Damped Newton on the dual with Armijo backtracking; L(λ) never increases beyond rounding."""
     lam = torch.where(active, lam, torch.zeros_like(lam))
     phi = features.phi[:, active]
@@ -325,14 +323,8 @@ def _residual(features: _Features, gradient: torch.Tensor, active: torch.Tensor,
     )
 
 
-def _stalled(
-    features: _Features,
-    lam: torch.Tensor,
-    gradient: torch.Tensor,
-    active: torch.Tensor,
-    tolerance: float,
-    where: str,
-) -> str:
+def _stalled(features: _Features, lam: torch.Tensor, gradient: torch.Tensor,
+             active: torch.Tensor, tolerance: float, where: str) -> str:
     return (
         "fit_moments stalled: no Newton step decreases the dual, "
         + _residual(features, gradient, active, tolerance)
@@ -341,14 +333,8 @@ def _stalled(
     )
 
 
-def _diverged(
-    features: _Features,
-    lam: torch.Tensor,
-    moments: torch.Tensor,
-    active: torch.Tensor,
-    tilt: torch.Tensor,
-    where: str,
-) -> str:
+def _diverged(features: _Features, lam: torch.Tensor, moments: torch.Tensor,
+              active: torch.Tensor, tilt: torch.Tensor, where: str) -> str:
     coordinates = [features.coordinate(int(j)) for j in active.nonzero()[tilt > MAX_LOG_TILT]]
     return (
         f"{', '.join(coordinates)}: λ diverges (λ = {lam.tolist()}): μ̄ = "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -27,7 +30,7 @@ class PolicyEngineConfig(TrainingConfig):
 
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*TrainingConfig.RESUMABLE_CHANGES, "policy")
 
-    contexts: Any = None  # list or datasets.Dataset of contexts (conditional targets, CDPG)
+    contexts: Any = None  # deprecated: pass them to fit(target, contexts=...)
     contexts_per_step: int = 4  # contexts drawn per step; the batch is split between them
     policy: SequenceDistribution | None = None  # defaults to a trainable copy of the prior
     eval_samples: int = 4096  # draws for the final diagnostics (exact when enumerable)
@@ -36,12 +39,27 @@ class PolicyEngineConfig(TrainingConfig):
         super().__post_init__()
         require_positive("contexts_per_step", self.contexts_per_step)
         require_positive("eval_samples", self.eval_samples)
+        if self.contexts is not None:
+            warnings.warn(f"{type(self).__name__}(contexts=...) is deprecated and will be removed "
+                          "in the next release; use fit(target, contexts=...)",
+                          DeprecationWarning, stacklevel=4)
 
     def contexts_and_policy(
-        self, target: Target, context: Any
+        self, target: Target, context: Any, contexts: Any
     ) -> tuple[list[Any], SequenceDistribution]:
-        """The contexts to train on and the policy to train (checked against the prior)."""
-        contexts = [context] if self.contexts is None else context_list(self.contexts)
+        """The contexts to train on (fit's one ``context`` or several ``contexts``) and the
+        policy to train (checked against the prior)."""
+        name = type(self).__name__
+        if context is not NO_CONTEXT and contexts is not None:
+            raise ConfigError(f"{name}.fit got context={context!r} and contexts=: give one "
+                              "context or several, not both")
+        if self.contexts is not None:
+            if contexts is not None or context is not NO_CONTEXT:
+                given = "contexts=" if contexts is not None else f"context={context!r}"
+                raise ConfigError(f"{name}.fit got {given}, but the constructor got contexts= "
+                                  "(deprecated): give them to fit only")
+            contexts = self.contexts
+        contexts = [context] if contexts is None else context_list(contexts)
         return contexts, make_policy(target, contexts[0], self.policy)
 
 
@@ -57,6 +75,17 @@ def context_list(contexts: Any) -> list[Any]:
     if not contexts:
         raise ConfigError("contexts is empty: give at least one context")
     return contexts
+
+
+def contexts_digest(contexts: list[Any]) -> str:
+    """A fingerprint of the training contexts, kept in engine state to refuse resuming on others."""
+    return hashlib.sha256(json.dumps(contexts, default=repr).encode()).hexdigest()
+
+
+def require_same_contexts(saved: str, here: str) -> None:
+    if saved != here:
+        raise ConfigError("the checkpoint was written by a fit on other contexts than this one; "
+                          "use a new checkpoint_dir or the same contexts")
 
 
 def make_policy(target: Target, context: Any, policy: SequenceDistribution | None):
@@ -86,11 +115,21 @@ class ScoredBatch:
 def score_batch(
     target: Target, proposal: SequenceDistribution, num_samples: int, context: Any
 ) -> ScoredBatch:
+    """``num_samples`` draws from ``proposal`` (already given ``context``), scored by the target."""
     with torch.no_grad():
         y = proposal.sample_batch(num_samples)
         log_prior = target.prior(context).log_prob(y).double()
         log_score = target.log_score(y, context, log_prior=log_prior)
     return ScoredBatch(y, context, y.log_q.double(), log_prior, log_score)
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the step's contexts, over those that report it."""
+    means = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row[key] for row in rows if key in row]
+        means[key] = sum(values) / len(values)
+    return means
 
 
 def pick_contexts(contexts: Sequence[Any], per_step: int) -> list[Any]:

@@ -234,3 +234,15 @@ def test_nan_mean_and_nan_feature_name_the_site():
 def test_non_convergence_reports_the_residual():
     with pytest.raises(ConfigError, match=r"did not converge in 1 Newton steps.*max \|μ\(λ\) − μ̄\|"):
         fit_moments(two_feature_target(torch.tensor([0.5, 0.3], dtype=torch.float64)), max_iterations=1)
+
+
+def test_batch_size_is_the_old_name_of_chunk_size():
+    target = one_feature_target(0.5)
+    chunked = fit_moments(target, num_samples=3000, seed=0, chunk_size=700)
+    assert not torch.equal(fit_moments(target, num_samples=3000, seed=0).lambdas["has_two"],
+                           chunked.lambdas["has_two"])  # chunks are drawn one after another
+    with pytest.warns(DeprecationWarning, match=r"fit_moments\(batch_size=\.\.\.\) is deprecated"):
+        old = fit_moments(target, num_samples=3000, seed=0, batch_size=700)
+    assert torch.equal(old.lambdas["has_two"], chunked.lambdas["has_two"])
+    with pytest.raises(ConfigError, match="batch_size= is the old name of chunk_size="):
+        fit_moments(target, num_samples=3000, chunk_size=700, batch_size=700)

@@ -9,6 +9,7 @@ from conftest import conditional_world, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.diagnostics import kl
+from bayesalign.errors import ConfigError
 from bayesalign.inference import DPG, KLRL, Exact
 from bayesalign.models import TabularLM
 
@@ -174,9 +175,9 @@ def test_cdpg_per_context_z_beats_one_global_z():
     """A policy shared by both contexts: with Ẑ_c CDPG fits the context average (the equal
     mixture of p_a and p_b), with one global Z it fits a Z_c-weighted mixture (SPEC §2.5)."""
     target = conditional_world()
-    settings = {**BUDGET, "steps": 2000, "contexts": ["a", "b"], "contexts_per_step": 2}
-    cdpg = DPG(**settings).fit(target)
-    global_z = DPG(per_context_z=False, **settings).fit(target)
+    settings = {**BUDGET, "steps": 2000, "contexts_per_step": 2}
+    cdpg = DPG(**settings).fit(target, contexts=["a", "b"])
+    global_z = DPG(per_context_z=False, **settings).fit(target, contexts=["a", "b"])
     for context, z in (("a", 0.466), ("b", 0.872)):
         assert math.exp(Exact().fit(target, context).log_z) == pytest.approx(z, abs=1e-12)
         assert math.exp(cdpg.extras[f"running_log_z[{context}]"]) == pytest.approx(z, rel=0.05)
@@ -211,3 +212,48 @@ def test_dpg_on_a_fitted_moment_target():
     post = DPG(**BUDGET).fit(sampled.target)
     assert post.diagnostics.moments["has_two"][0] == pytest.approx(0.5, abs=0.02)
     assert post.diagnostics.kl_target_policy < 0.01
+
+
+@pytest.mark.parametrize("engine", [DPG, KLRL])
+def test_constructor_contexts_are_deprecated_and_fit_the_same(engine):
+    settings = {**BUDGET, "steps": 20, "contexts_per_step": 2, "eval_samples": 64}
+    with pytest.warns(DeprecationWarning, match=r"\(contexts=\.\.\.\) is deprecated.*"
+                                                r"fit\(target, contexts=\.\.\.\)") as caught:
+        old = engine(**settings, contexts=["a", "b"])
+    assert caught[0].filename == __file__  # the warning points at the caller
+    target = conditional_world()
+    before, after = old.fit(target), engine(**settings).fit(target, contexts=["a", "b"])
+    assert before.engine == after.engine == ("CDPG" if engine is DPG else "KLRL-rloo")
+    for a, b in zip(before.policy.module.parameters(), after.policy.module.parameters()):
+        assert torch.equal(a, b)
+    assert [r["loss"] for r in before.history] == [r["loss"] for r in after.history]
+
+
+def test_a_context_given_two_ways_is_refused():
+    target = conditional_world()
+    with pytest.raises(ConfigError, match=r"DPG.fit got context='a' and contexts=: give one "
+                                          "context or several, not both"):
+        DPG(**BUDGET).fit(target, "a", contexts=["a", "b"])
+    with pytest.warns(DeprecationWarning):
+        old = KLRL(**BUDGET, contexts=["a", "b"])
+    with pytest.raises(ConfigError, match=r"KLRL.fit got contexts=, but the constructor got "
+                                          r"contexts= \(deprecated\)"):
+        old.fit(target, contexts=["a", "b"])
+    with pytest.raises(ConfigError, match=r"KLRL.fit got context='a', but the constructor got "
+                                          "contexts="):
+        old.fit(target, "a")
+
+
+def test_step_metrics_average_over_the_contexts_that_report_them():
+    from bayesalign.inference.policy import mean_metrics
+
+    rows = [{"log_z": 0.0, "ess_fraction": 0.0}, {"log_z": -1.0, "kl_target_policy": 0.3}]
+    assert mean_metrics(rows) == {"log_z": -0.5, "ess_fraction": 0.0, "kl_target_policy": 0.3}
+
+
+def test_cdpg_logs_the_proposal_check_once_per_step_not_per_context():
+    settings = {**BUDGET, "steps": 16, "contexts_per_step": 2, "eval_samples": 64}
+    post = DPG(off_policy=True, proposal_update_interval=8, **settings).fit(
+        conditional_world(), contexts=["a", "b"])
+    swaps = [row["proposal_swaps"] for row in post.history]
+    assert all(s == int(s) for s in swaps) and swaps[-1] >= 1  # counts, not halved counts

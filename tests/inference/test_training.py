@@ -14,7 +14,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from conftest import toy_a_prior, toy_a_target
+from conftest import conditional_world, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.errors import (
@@ -26,7 +26,7 @@ from bayesalign.errors import (
 from bayesalign.inference import DPG, KLRL, TrainingError, history_to_arviz, history_to_csv
 from bayesalign.models import TabularLM
 from bayesalign.training import Trainer, TrainingConfig
-from bayesalign.training.checkpoints import verify
+from bayesalign.training.checkpoints import verify, write_manifest
 
 SETTINGS = {"steps": 600, "batch_size": 32, "seed": 3, "progress": False}
 
@@ -216,3 +216,29 @@ def test_gradient_accumulation_and_micro_batches_are_logged():
                ).fit(toy_a_target(1.0))
     assert len(post.history) == 30
     assert post.diagnostics.kl_target_policy < 0.491  # moved from the prior's 0.491
+
+
+@pytest.mark.parametrize("engine, old_state", [
+    (DPG, {"log_z": {"log_sum": {}, "count": {}}, "baseline": {"value": -1.0}}),
+    (KLRL, {"controller": {"value": 1.0, "reward_baseline": 0.0, "rollout": None}}),
+], ids=["dpg", "klrl"])
+def test_a_checkpoint_with_the_old_engine_state_layout_is_refused(engine, old_state, tmp_path):
+    engine(**{**SETTINGS, "steps": 20}, checkpoint_dir=str(tmp_path)).fit(toy_a_target(1.0))
+    checkpoint = sorted(tmp_path.glob("checkpoint-*"))[-1]
+    torch.save(old_state, checkpoint / "engine.pt")  # the layout before DPGState / KLRLState
+    (checkpoint / "manifest.json").unlink()
+    write_manifest(checkpoint)
+    name = "dpg" if engine is DPG else "klrl"
+    with pytest.raises(ConfigError, match=f"holds no engine state '{name}' \\(it was written by "
+                                          "an older version of this engine\\)"):
+        engine(**{**SETTINGS, "steps": 30}, checkpoint_dir=str(tmp_path)).fit(toy_a_target(1.0))
+
+
+@pytest.mark.parametrize("engine", [DPG, KLRL])
+def test_resume_on_other_contexts_is_refused(engine, tmp_path):
+    settings = {**SETTINGS, "steps": 10, "contexts_per_step": 2, "checkpoint_dir": str(tmp_path)}
+    engine(**settings).fit(conditional_world(), contexts=["a", "b"])
+    with pytest.raises(ConfigError, match="written by a fit on other contexts than this one"):
+        engine(**{**settings, "steps": 20}).fit(conditional_world(), contexts=["b", "a"])
+    resumed = engine(**{**settings, "steps": 20}).fit(conditional_world(), contexts=["a", "b"])
+    assert len(resumed.history) == 20
