@@ -199,6 +199,10 @@ def test_spec_oracles_are_what_brute_force_computes() -> None:
 def test_rejection_bound_is_the_ceiling_of_max_ratio() -> None:
     # max P/q = e^3 = 20.09 on Toy A (three 2s), so the integer envelope is 21 (SPEC §10).
     assert rejection_bound(Exact().fit(toy_a_target(1.0))) == 21.0
+    brute = brute_force_toy_a(1.0)
+    max_ratio = max(brute["p"][x] * brute["z"] / brute["a"][x] for x in brute["a"])  # by loop
+    assert max_ratio == pytest.approx(math.exp(3), abs=1e-9)
+    assert rejection_bound(Exact().fit(toy_a_target(1.0))) == math.ceil(max_ratio)
     assert rejection_bound(Exact().fit(toy_a_target(0.5))) == math.ceil(math.exp(6))
 
 
