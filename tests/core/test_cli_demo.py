@@ -181,7 +181,7 @@ def test_demo_seeded_values_are_reproducible_in_one_process(demo: tuple[Path, st
     assert _without_times(again.pop("rows")) == _without_times(toy["rows"])
     assert again == {k: v for k, v in toy.items() if k != "rows"}
     prior = CausalLM.from_pretrained("bundled:code-small", max_new_tokens=sizes.lm_new_tokens)
-    importance = Importance(num_samples=sizes.lm_importance, batch_size=sizes.lm_batch)
+    importance = Importance(num_samples=sizes.lm_importance, chunk_size=sizes.lm_batch)
     d = importance.fit(pep8_code_target(prior)).diagnostics
     stored = row(results["code_lm"]["rows"], "Importance")
     assert (stored["E[pep8]"], stored["log_z"], stored["ess"]) == (

@@ -222,6 +222,8 @@ def test_lsc_reference_quantiles_per_context():
                            torch.linspace(-2, 2, 101, dtype=torch.float64)])
     ref = ba.reference_reward(rewards, quantile=0.85)
     assert ref.tolist() == pytest.approx([0.85, 1.4])
+    # Each row is sorted with 101 points: its 0.85 quantile is the point at index 0.85·100.
+    assert ref.tolist() == pytest.approx([row[85] for row in rewards.tolist()])
     generator = torch.Generator().manual_seed(0)
     normal = 3.0 + 2.0 * torch.randn(200_000, generator=generator, dtype=torch.float64)
     gaussian = ba.reference_reward(normal, quantile=0.85, method="gaussian")
