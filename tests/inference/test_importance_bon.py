@@ -119,6 +119,12 @@ def test_best_of_n_bound_is_tight_on_a_large_uniform_world():
     log_q = torch.full((n_items,), -math.log(n_items), dtype=torch.float64)
     law = best_of_n_log_law(rewards, log_q, n)
     assert kl(law, log_q) == pytest.approx(best_of_n_kl_bound(n), abs=1e-6)
+    # By a plain loop: π(k) = ((k+1)/N)^n − (k/N)^n on distinct rewards, against log n − (n−1)/n.
+    by_hand = [((k + 1) / n_items) ** n - (k / n_items) ** n for k in range(n_items)]
+    kl_by_hand = sum(w * math.log(w * n_items) for w in by_hand)
+    assert kl_by_hand == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-6)
+    assert law.exp().tolist() == pytest.approx(by_hand, abs=1e-12)
+    assert kl(law, log_q) == pytest.approx(kl_by_hand, abs=1e-9)
 
 
 def test_best_of_n_samples_follow_the_exact_law_with_ties(toy_a):
