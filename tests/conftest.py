@@ -59,14 +59,64 @@ def brute_force_qrs_toy_a(qrs_beta: float, kl_coef: float = 1.0) -> dict[str, fl
     β_q·q); acceptance E_q[min(1, P/(β_q·q))] = Σ min(P, β_q·q)/β_q; TVD(p, p_β); KL(p‖p_β)."""
     world = brute_force_toy_a(kl_coef)
     a, p, z = world["a"], world["p"], world["z"]
-    clipped = {x: min(p[x] * z, qrs_beta * a[x]) for x in a}
+    return brute_force_qrs(a, {x: p[x] * z for x in a}, qrs_beta)
+
+
+def brute_force_tilt_toy_a(features, lambdas) -> dict:
+    """p ∝ a·e^{λ·φ} on Toy A by a plain loop: Z, the moments E_p φ, KL(p‖a) and p itself.
+    ``features`` maps a sequence (tuple of tokens) to a list of floats."""
+    a = brute_force_toy_a(1.0)["a"]
+    tilt = {x: math.exp(sum(lam * f for lam, f in zip(lambdas, features(x)))) for x in a}
+    z = sum(a[x] * tilt[x] for x in a)
+    p = {x: a[x] * tilt[x] / z for x in a}
+    moments = [sum(p[x] * features(x)[i] for x in a) for i in range(len(lambdas))]
+    return {"z": z, "moments": moments, "kl_p_a": sum(p[x] * math.log(p[x] / a[x]) for x in a),
+            "p": p, "a": a}
+
+
+def brute_force_moment_lambdas(features, means, steps: int = 50) -> list[float]:
+    """λ* with E_p φ = μ̄ for p ∝ a·e^{λ·φ} on Toy A by a plain Newton solve of the dual:
+    gradient E_p φ − μ̄, Hessian Cov_p φ (2×2 at most, inverted by hand)."""
+    lambdas = [0.0] * len(means)
+    for _ in range(steps):
+        world = brute_force_tilt_toy_a(features, lambdas)
+        p, m = world["p"], world["moments"]
+        grad = [m[i] - means[i] for i in range(len(means))]
+        cov = [[sum(p[x] * (features(x)[i] - m[i]) * (features(x)[j] - m[j]) for x in p)
+                for j in range(len(means))] for i in range(len(means))]
+        if len(means) == 1:
+            step = [grad[0] / cov[0][0]]
+        else:
+            (h00, h01), (h10, h11) = cov
+            det = h00 * h11 - h01 * h10
+            step = [(h11 * grad[0] - h01 * grad[1]) / det, (h00 * grad[1] - h10 * grad[0]) / det]
+        lambdas = [lam - s for lam, s in zip(lambdas, step)]
+    return lambdas
+
+
+def brute_force_qrs(q: dict, score: dict, qrs_beta: float) -> dict[str, float]:
+    """QRS with unnormalised target ``score`` = P and proposal ``q`` (both dicts over one
+    finite support) by a plain loop (SPEC §4.2): p_β ∝ min(P, β_q·q)."""
+    z = sum(score.values())
+    p = {x: score[x] / z for x in q}
+    clipped = {x: min(score[x], qrs_beta * q[x]) for x in q}
     z_beta = sum(clipped.values())
-    p_beta = {x: clipped[x] / z_beta for x in a}
+    p_beta = {x: clipped[x] / z_beta for x in q}
     return {
         "acceptance_rate": z_beta / qrs_beta,
-        "tvd": 0.5 * sum(abs(p[x] - p_beta[x]) for x in a),
-        "kl": sum(p[x] * math.log(p[x] / p_beta[x]) for x in a),
+        "tvd": 0.5 * sum(abs(p[x] - p_beta[x]) for x in q),
+        "kl": sum(p[x] * math.log(p[x] / p_beta[x]) for x in q),
     }
+
+
+def brute_force_qrs_poisson(qrs_beta: float, support: int = 60) -> dict[str, float]:
+    """SPEC §10's Poisson oracle by a plain loop: q = Poisson(10) truncated to {0..support−1}
+    and renormalised, P(k) = q(k)·1.1^k·e^{−1} (so P/Z is Poisson(11) on the same support)."""
+    weights = {k: 10.0 ** k * math.exp(-10.0) / math.factorial(k) for k in range(support)}
+    total = sum(weights.values())
+    q = {k: w / total for k, w in weights.items()}
+    score = {k: q[k] * 1.1 ** k * math.exp(-1.0) for k in q}
+    return brute_force_qrs(q, score, qrs_beta)
 
 
 def conditional_world():

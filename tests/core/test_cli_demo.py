@@ -89,14 +89,20 @@ def test_demo_exact_row_matches_spec_log_z(demo: tuple[Path, str, dict]) -> None
     exact = row(results["toy_a"]["rows"], "Exact")
     assert abs(exact["log_z"] - math.log(TOY_A_Z)) < 1e-8
     assert abs(exact["log_z"] - math.log(brute_force_toy_a(1.0)["z"])) < 1e-12
-    assert exact["kl_target_policy"] == 0 and exact["tvd"] == 0
+    # Its KL and TVD are those of the law Exact declares (p itself), so they test nothing;
+    # the row must say so.
+    assert exact["distances_from"] == "law" and exact["exact"] is True
 
 
 def test_demo_rejection_is_exact_and_qrs_is_not(demo: tuple[Path, str, dict]) -> None:
     _, _, results = demo
     rows = results["toy_a"]["rows"]
     rejection, qrs = row(rows, "Rejection"), row(rows, "QRS")
-    assert abs(rejection["kl_target_policy"]) < 1e-12 and abs(rejection["tvd"]) < 1e-12
+    # Rejection's KL and TVD are those of the law it declares (p, by theorem), not of its
+    # draws: the row must say so. The draws themselves are tested against p by a χ² in
+    # tests/inference/test_rejection_qrs.py (test_rejection_is_exact_chi_squared, Toy A).
+    assert rejection["distances_from"] == "law" and rejection["exact"] is True
+    assert qrs["distances_from"] == "law" and qrs["exact"] is True
     # KL(p‖p_β) at β_q = 4 is SPEC §10's 0.1603136791: QRS below max P/q is biased.
     assert qrs["kl_target_policy"] > 0.1
     assert abs(qrs["kl_target_policy"] - 0.1603136791) < 1e-9
@@ -175,7 +181,7 @@ def test_demo_seeded_values_are_reproducible_in_one_process(demo: tuple[Path, st
     assert _without_times(again.pop("rows")) == _without_times(toy["rows"])
     assert again == {k: v for k, v in toy.items() if k != "rows"}
     prior = CausalLM.from_pretrained("bundled:code-small", max_new_tokens=sizes.lm_new_tokens)
-    importance = Importance(num_samples=sizes.lm_importance, batch_size=sizes.lm_batch)
+    importance = Importance(num_samples=sizes.lm_importance, chunk_size=sizes.lm_batch)
     d = importance.fit(pep8_code_target(prior)).diagnostics
     stored = row(results["code_lm"]["rows"], "Importance")
     assert (stored["E[pep8]"], stored["log_z"], stored["ess"]) == (
@@ -193,6 +199,10 @@ def test_spec_oracles_are_what_brute_force_computes() -> None:
 def test_rejection_bound_is_the_ceiling_of_max_ratio() -> None:
     # max P/q = e^3 = 20.09 on Toy A (three 2s), so the integer envelope is 21 (SPEC §10).
     assert rejection_bound(Exact().fit(toy_a_target(1.0))) == 21.0
+    brute = brute_force_toy_a(1.0)
+    max_ratio = max(brute["p"][x] * brute["z"] / brute["a"][x] for x in brute["a"])  # by loop
+    assert max_ratio == pytest.approx(math.exp(3), abs=1e-9)
+    assert rejection_bound(Exact().fit(toy_a_target(1.0))) == math.ceil(max_ratio)
     assert rejection_bound(Exact().fit(toy_a_target(0.5))) == math.ceil(math.exp(6))
 
 

@@ -61,6 +61,13 @@ def test_is_kl_and_tvd_match_exact_on_a_small_space():
     est_tvd = dx.is_tvd(log_P, q.log()[draws], pi.log()[draws])
     assert est_kl == pytest.approx(dx.kl(p.log(), pi.log()), abs=0.01)
     assert est_tvd == pytest.approx(dx.tvd(p.log(), pi.log()), abs=0.01)
+    # The exact KL and TVD are what a plain loop over the six items computes.
+    kl_by_loop = sum(a * math.log(a / b) for a, b in zip(p.tolist(), pi.tolist()))
+    tvd_by_loop = 0.5 * sum(abs(a - b) for a, b in zip(p.tolist(), pi.tolist()))
+    assert dx.kl(p.log(), pi.log()) == pytest.approx(kl_by_loop, abs=1e-12)
+    assert dx.tvd(p.log(), pi.log()) == pytest.approx(tvd_by_loop, abs=1e-12)
+    assert est_kl == pytest.approx(kl_by_loop, abs=0.01)
+    assert est_tvd == pytest.approx(tvd_by_loop, abs=0.01)
 
 
 def test_log_z_estimate_and_warning_on_high_khat():

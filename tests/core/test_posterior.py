@@ -114,6 +114,13 @@ def test_evaluate_is_a_function_of_draws_weights_and_law(toy_a):
     exact = Exact().fit(toy_a)
     by_law = ba.evaluate(toy_a, samples, law=exact.law)
     assert by_law.distances_from == "law" and by_law.kl_target_policy == pytest.approx(0, abs=1e-12)
+    # With the prior a as the declared law, the distances are KL(p‖a) and TVD(p, a) by loop.
+    oracle = brute_force_toy_a(1.0)
+    by_prior = ba.evaluate(toy_a, samples, law=toy_a_prior().log_prob)
+    tvd_p_a = 0.5 * sum(abs(oracle["p"][x] - oracle["a"][x]) for x in oracle["a"])
+    assert by_prior.distances_from == "law"
+    assert by_prior.kl_target_policy == pytest.approx(oracle["kl_p_a"], abs=1e-12)
+    assert by_prior.tvd == pytest.approx(tvd_p_a, abs=1e-12)
     assert by_law.rewards["r"] == pytest.approx(exact.diagnostics.rewards["r"], abs=1e-12)
     # Neither: no distances, and the rewards are averages over the draws.
     plain = ba.evaluate(toy_a, samples)
@@ -132,7 +139,22 @@ def test_evaluate_estimates_from_fresh_policy_draws(toy_a):
     # IS estimates (seed 0: 0.487 and 0.378) of KL(p‖a) and TVD(p, a) = 0.3777 (SPEC §10).
     assert d.kl_target_policy == pytest.approx(oracle["kl_p_a"], abs=0.02)
     assert d.tvd == pytest.approx(0.3776975621, abs=0.02)
+    tvd_p_a = 0.5 * sum(abs(oracle["p"][x] - oracle["a"][x]) for x in oracle["a"])
+    assert tvd_p_a == pytest.approx(0.3776975621, abs=1e-9)
+    assert d.tvd == pytest.approx(tvd_p_a, abs=0.02)
     assert d.kl_policy_prior == pytest.approx(0.0, abs=1e-12)  # π = a, draw by draw
+    # π ≠ a (first-token law (.2,.3,.5), same transitions): the estimate of KL(π‖a) from π's
+    # draws against a plain loop over the 27 sequences.
+    first = [0.2, 0.3, 0.5]
+    policy = TabularLM(torch.tensor(first, dtype=torch.float64), torch.tensor(T, dtype=torch.float64), 3)
+    pi = {x: first[x[0]] * T[x[0]][x[1]] * T[x[1]][x[2]] for x in oracle["a"]}
+    kl_pi_a = sum(w * math.log(w / oracle["a"][x]) for x, w in pi.items())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        moved = ba.evaluate(toy_a, policy.sample_batch(10), policy=policy, eval_samples=20_000)
+    assert moved.distances_from == "policy draws" and not moved.exact
+    assert moved.kl_policy_prior == pytest.approx(kl_pi_a, abs=0.03)
+    assert abs(moved.log_z - math.log(oracle["z"])) < 3 * moved.log_z_se
 
 
 def test_policy_posterior_round_trip(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from conftest import brute_force_toy_a
 from scipy import stats
 
 import bayesalign as ba
@@ -14,12 +15,21 @@ from bayesalign.inference import BestOfN, Exact, Importance, best_of_n_kl_bound
 from bayesalign.models import TabularLM
 
 
+def brute_force_d2() -> float:
+    """D₂(p‖a) = log Σ p²/a at β = 1 by a plain loop over the 27 sequences."""
+    world = brute_force_toy_a(1.0)
+    p, a = world["p"], world["a"]
+    return math.log(sum(p[x] ** 2 / a[x] for x in a))
+
+
 def test_snis_log_z_within_three_standard_errors(toy_a):
     exact = Exact().fit(toy_a)
+    population_ness = math.exp(-brute_force_d2())  # SPEC §10's 0.384609
     for seed in range(3):
         d = Importance(num_samples=10_000, seed=seed).fit(toy_a).diagnostics
         assert abs(d.log_z - exact.log_z) < 3 * d.log_z_se
         assert d.ess_fraction == pytest.approx(0.384609, abs=0.03)  # population nESS, SPEC §10
+        assert d.ess_fraction == pytest.approx(population_ness, abs=0.03)
 
 
 def test_population_ess_by_enumeration(toy_a):
@@ -29,13 +39,17 @@ def test_population_ess_by_enumeration(toy_a):
     d2 = float(torch.logsumexp(2 * log_p - log_a, 0))  # log E_a[(p/a)^2] = D_2(p‖a)
     assert d2 == pytest.approx(0.955527, abs=1e-6)
     assert math.exp(-d2) == pytest.approx(0.384609, abs=1e-6)
+    brute = brute_force_d2()
+    assert brute == pytest.approx(0.955527, abs=1e-6)
+    assert math.exp(-brute) == pytest.approx(0.384609, abs=1e-6)
+    assert d2 == pytest.approx(brute, abs=1e-12)
 
 
 def test_snis_with_resampling_and_empirical_law(toy_a):
     post = Importance(num_samples=20_000, resample=True, seed=0).fit(toy_a)
     assert post.log_weights is None and len(post.samples) == 20_000
     assert post.diagnostics.kl_target_policy < 0.01
-    assert post.diagnostics.rewards["r"] == pytest.approx(1.5745035924, abs=0.03)
+    assert post.diagnostics.rewards["r"] == pytest.approx(brute_force_toy_a(1.0)["reward"], abs=0.03)
 
 
 def test_snis_with_target_as_proposal_has_flat_weights(toy_a):
@@ -84,6 +98,12 @@ def test_best_of_n_exact_law_table(n, kl_exact, bound):
     assert float(law.exp().sum()) == pytest.approx(1.0, abs=1e-12)
     assert post.diagnostics.kl_policy_prior == pytest.approx(kl_exact, abs=1e-8)
     assert post.extras["kl_bound"] == pytest.approx(bound, abs=1e-8)
+    # The SPEC row is also Σ π log(π/π0) of the by-hand law, and log n − (n−1)/n.
+    kl_by_hand = sum(b * math.log(b / a) for b, a in zip(by_hand, PI0))
+    assert kl_by_hand == pytest.approx(kl_exact, abs=1e-8)
+    assert post.diagnostics.kl_policy_prior == pytest.approx(kl_by_hand, abs=1e-12)
+    assert math.log(n) - (n - 1) / n == pytest.approx(bound, abs=1e-8)
+    assert post.extras["kl_bound"] == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12)
     assert post.diagnostics.kl_policy_prior <= post.extras["kl_bound"]
     # Win rate against a draw from the prior: P(r(BoN) > r(a)) + ½ P(tie) ≤ n/(n+1).
     p_bon = law.exp().numpy()
@@ -99,6 +119,12 @@ def test_best_of_n_bound_is_tight_on_a_large_uniform_world():
     log_q = torch.full((n_items,), -math.log(n_items), dtype=torch.float64)
     law = best_of_n_log_law(rewards, log_q, n)
     assert kl(law, log_q) == pytest.approx(best_of_n_kl_bound(n), abs=1e-6)
+    # By a plain loop: π(k) = ((k+1)/N)^n − (k/N)^n on distinct rewards, against log n − (n−1)/n.
+    by_hand = [((k + 1) / n_items) ** n - (k / n_items) ** n for k in range(n_items)]
+    kl_by_hand = sum(w * math.log(w * n_items) for w in by_hand)
+    assert kl_by_hand == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-6)
+    assert law.exp().tolist() == pytest.approx(by_hand, abs=1e-12)
+    assert kl(law, log_q) == pytest.approx(kl_by_hand, abs=1e-9)
 
 
 def test_best_of_n_samples_follow_the_exact_law_with_ties(toy_a):

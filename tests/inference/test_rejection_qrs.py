@@ -6,7 +6,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import toy_a_prior
+from conftest import brute_force_qrs_poisson, brute_force_qrs_toy_a, toy_a_prior
 from scipy import stats
 
 import bayesalign as ba
@@ -83,10 +83,17 @@ SPEC_QRS = [  # β_q, AR, TVD(p, p_β), KL(p‖p_β)
 
 def test_qrs_exact_table_and_engine_law(toy_a):
     betas = [row[0] for row in SPEC_QRS]
-    for (_, ar, tv, kl_), (ar_e, tv_e, kl_e) in zip(SPEC_QRS, qrs_exact(toy_a, betas)):
+    for (beta, ar, tv, kl_), (ar_e, tv_e, kl_e) in zip(SPEC_QRS, qrs_exact(toy_a, betas)):
         assert ar_e == pytest.approx(ar, abs=1e-9)
         assert tv_e == pytest.approx(tv, abs=1e-6)
         assert kl_e == pytest.approx(kl_, abs=1e-8)
+        # The SPEC row is also what a plain loop over the 27 sequences computes.
+        brute = brute_force_qrs_toy_a(beta)
+        assert brute["acceptance_rate"] == pytest.approx(ar, abs=1e-9)
+        assert brute["tvd"] == pytest.approx(tv, abs=1e-6)
+        assert brute["kl"] == pytest.approx(kl_, abs=1e-8)
+        assert (ar_e, tv_e, kl_e) == pytest.approx(
+            (brute["acceptance_rate"], brute["tvd"], brute["kl"]), abs=1e-12)
     post = QRS(qrs_beta=4.0, num_samples=20_000, seed=0).fit(toy_a)
     ar_e, tv_e, kl_e = qrs_exact(toy_a, [4.0])[0]
     d = post.diagnostics
@@ -134,12 +141,19 @@ def poisson_world():
 
 def test_qrs_poisson_oracle():
     target = poisson_world()
+    # SPEC §10's Poisson table: β_q, AR, TVD(p, p_β), KL(p‖p_β).
     spec = [(0.5, 0.999496, 0.122941, 0.048146), (1.0, 0.876849, 0.074922, 0.019885),
             (2.0, 0.498182, 0.003531, 0.000487)]
     exact_rows = qrs_exact(target, [row[0] for row in spec])
     curves = QRS(num_samples=100_000, seed=0).sweep(target, [row[0] for row in spec])
-    for i, (_, ar, tv, kl_) in enumerate(spec):
+    for i, (beta, ar, tv, kl_) in enumerate(spec):
         assert exact_rows[i] == pytest.approx((ar, tv, kl_), abs=2e-6)
+        # The SPEC row is also what a plain loop over the truncated Poisson support computes.
+        brute = brute_force_qrs_poisson(beta)
+        assert (brute["acceptance_rate"], brute["tvd"], brute["kl"]) == pytest.approx(
+            (ar, tv, kl_), abs=2e-6)
+        assert exact_rows[i] == pytest.approx(
+            (brute["acceptance_rate"], brute["tvd"], brute["kl"]), abs=1e-12)
         # disco asserts these to 2 decimal places from 10^5 samples.
         assert curves.acceptance_rate[i] == pytest.approx(ar, abs=0.01)
         assert curves.tvd[i] == pytest.approx(tv, abs=0.01)

@@ -24,6 +24,7 @@ from bayesalign.models.adaptors import (
 
 P = torch.tensor([0.4, 0.3, 0.2, 0.07, 0.03], dtype=torch.float64)
 LOGITS = P.log() + 1.7  # any shift: adaptors see logits, not probabilities
+ENTROPY = -sum(p * math.log(p) for p in (0.4, 0.3, 0.2, 0.07, 0.03))  # by a plain loop
 
 
 def adapted_probs(*adaptors) -> torch.Tensor:
@@ -39,6 +40,8 @@ def expected(*kept: float) -> torch.Tensor:
 
 def test_entropy_used_in_the_hand_computations() -> None:
     assert -(P * P.log()).sum().item() == pytest.approx(1.3409, abs=1e-4)
+    assert ENTROPY == pytest.approx(1.3409, abs=1e-4)  # the docstring's value
+    assert -(P * P.log()).sum().item() == pytest.approx(ENTROPY, abs=1e-12)
 
 
 def test_no_adaptor_is_the_model() -> None:
@@ -84,7 +87,7 @@ def test_typical() -> None:
 
 
 def test_eta() -> None:
-    e_minus_h = math.exp(-1.3409)  # 0.2616
+    e_minus_h = math.exp(-ENTROPY)  # 0.2616
     # η = 0.1: threshold min(0.1, √0.1·0.2616 = 0.0827) = 0.0827 drops 0.07 and 0.03.
     assert math.sqrt(0.1) * e_minus_h < 0.1
     torch.testing.assert_close(adapted_probs(Eta(0.1)), expected(0.4, 0.3, 0.2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pyro
@@ -57,11 +58,15 @@ def new_pm(seed: int = 0, **kw) -> PreferenceModel:
 
 def test_losses_match_hand_computed_values():
     r_chosen, r_rejected = torch.tensor([1.0, 2.0]), torch.tensor([0.0, -1.0])
-    # log(1 + e^-1) = 0.3132617, log(1 + e^-3) = 0.0485874.
-    assert float(ranked_loss(r_chosen, r_rejected)) == pytest.approx((0.3132617 + 0.0485874) / 2)
-    # Chosen: −log σ(1) = 0.3132617, −log σ(2) = 0.1269280; rejected: −log(1 − σ(0)) = 0.6931472,
-    # −log(1 − σ(−1)) = 0.3132617.
-    expected = (0.3132617 + 0.1269280 + 0.6931472 + 0.3132617) / 4
+
+    def softplus_neg(x: float) -> float:  # −log σ(x) = log(1 + e^{−x})
+        return math.log1p(math.exp(-x))
+
+    # Ranked: −log σ(r_chosen − r_rejected) for margins 1 and 3.
+    ranked = (softplus_neg(1.0) + softplus_neg(3.0)) / 2
+    assert float(ranked_loss(r_chosen, r_rejected)) == pytest.approx(ranked)
+    # Chosen: −log σ(1), −log σ(2); rejected: −log(1 − σ(r)) = −log σ(−r) for r = 0, −1.
+    expected = (softplus_neg(1.0) + softplus_neg(2.0) + softplus_neg(0.0) + softplus_neg(1.0)) / 4
     assert float(binary_loss(r_chosen, r_rejected)) == pytest.approx(expected)
     log_probs = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
