@@ -108,7 +108,8 @@ def _add_objectives(add: Callable[..., object]) -> None:
 
 def _add_pretrain(commands: argparse._SubParsersAction) -> None:
     pretrain = commands.add_parser(
-        "pretrain", help="pretrain a GPT-2 prior on a local corpus (default: Python's stdlib)",
+        "pretrain", help="the Pretraining engine: a GPT-2 on a local corpus (default: Python's "
+        "stdlib) by MLE, or any PHF objective on a --target",
         description="Train a byte-level BPE and a GPT-2 on a local corpus, hold out files, "
         "checkpoint and resume exactly, and write a folder CausalLM.from_pretrained loads "
         "with MODEL_CARD.md and card.json: the Pretraining engine with objective mle on the "
@@ -172,10 +173,21 @@ def engine_names(module: object) -> list[str]:
     return sorted(names)
 
 
+LAYOUT = """library layout (README.md, docs/):
+  bayesalign            modelling core: targets, likelihood helpers, Sequences, Posterior,
+                        diagnostics, evaluate, errors
+  bayesalign.models     priors (TabularLM, CausalLM, Corpus), adaptors, scorers, preference models
+  bayesalign.inference  engines: Exact, Rejection, QRS, Importance, BestOfN, DPG, KLRL,
+                        Pretraining, fit_moments
+  bayesalign.training   the training loop, checkpoints, launch strategies (DDP, FSDP, ZeRO)
+  bayesalign.app        this command, the demo, plots"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayesalign",
         description="Align language models with preferences as Bayesian inference.",
+        epilog=LAYOUT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
