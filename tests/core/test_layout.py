@@ -40,6 +40,9 @@ FORBIDDEN = {
     "bayesalign/training": ("bayesalign.inference", "bayesalign.models", "bayesalign.app"),
     "models": ("bayesalign.inference", "bayesalign.app"),
     "inference": ("bayesalign.app",),
+    # Tests are grouped by what they depend on: tests/core needs the core only.
+    "tests/core": ("bayesalign.inference", "bayesalign.models", "bayesalign.app",
+                   "bayesalign.training", "conftest"),
 }
 
 

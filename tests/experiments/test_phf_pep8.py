@@ -20,7 +20,6 @@ def test_quick_run_measures_every_objective(tmp_path):
     assert results["experiment"] == "phf_pep8" and results["finished"]
     assert report == phf_pep8.render(results)  # the table is the JSON's rendering
     assert [r["objective"] for r in results["rows"]] == ROWS
-    rows = {r["objective"]: r for r in results["rows"]}
     for r in results["rows"]:
         rate, se = r["misalignment"], r["misalignment_se"]
         assert math.isfinite(rate) and rate >= 0 and se >= 0
@@ -29,8 +28,6 @@ def test_quick_run_measures_every_objective(tmp_path):
         assert round(r["max_at_k"], 4) >= round(rate, 4)
         code_rate = r["code_misalignment"]
         assert math.isfinite(code_rate) and code_rate >= 0 and 0 <= r["comment_fraction"] <= 1
-    assert rows["mle"]["kl_from_mle"] == 0  # MLE's KL from itself
-    assert rows["conditional"]["threshold"] == 0  # PHF's threshold: aligned iff no violation
     samples = json.loads((tmp_path / "samples.json").read_text())
     assert list(samples) == ["mle", "filtering", "conditional", phf_pep8.PHF_DECODING,
                              "unlikelihood", "rwr", "awr"]

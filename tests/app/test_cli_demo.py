@@ -63,6 +63,25 @@ def test_demo_command_passes_its_options(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert calls == [(tmp_path, True)]
 
 
+def test_help_describes_the_tree_as_it_is(capsys: pytest.CaptureFixture) -> None:
+    import importlib
+    import re
+
+    from bayesalign import inference
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    packages = re.findall(r"^  (bayesalign[\w.]*) ", out, re.M)
+    assert packages == ["bayesalign", "bayesalign.models", "bayesalign.inference",
+                        "bayesalign.training", "bayesalign.app"]
+    for package in packages:
+        importlib.import_module(package)
+    engines = out.split("engines:")[1].split("bayesalign.training")[0]
+    named = re.findall(r"\b([A-Za-z_]+)\b", engines)
+    assert named and all(name in inference.__all__ for name in named), named
+
+
 def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["nonsense"])
