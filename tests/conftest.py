@@ -1,9 +1,16 @@
-"""Shared worlds for the tests: SPEC §10 Toy A and brute-force oracles independent of the library."""
+"""Shared worlds for the tests: SPEC §10 Toy A, brute-force oracles independent of the library,
+and the SIGKILL helper of the resume tests."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyro
 import pytest
@@ -133,6 +140,23 @@ def conditional_world():
         ba.constraint("has_two", (y.tokens == 2).any(-1))
 
     return has_two
+
+
+def kill_after_first_checkpoint(script: str, ckpt: Path, steps: int, timeout: float = 120) -> None:
+    """Run ``script`` in a subprocess, SIGKILL it once a checkpoint appears in ``ckpt``, and check
+    that it died mid-run and left only complete (checksummed) checkpoints."""
+    process = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + timeout
+    while (not list(ckpt.glob("checkpoint-*")) and process.poll() is None
+           and time.time() < deadline):
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    written = sorted(ckpt.glob("checkpoint-*"))
+    assert written and int(written[-1].name.split("-")[1]) < steps
+    from bayesalign.training.checkpoints import verify
+
+    assert all(verify(c) is None for c in written)  # none half-written
 
 
 @pytest.fixture

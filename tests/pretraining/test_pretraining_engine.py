@@ -10,7 +10,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from test_training import kill_after_first_checkpoint
+from conftest import kill_after_first_checkpoint
 
 import bayesalign as ba
 from bayesalign.errors import ConfigError, InvalidTargetError

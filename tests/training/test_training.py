@@ -2,19 +2,14 @@
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
-from conftest import conditional_world, toy_a_prior, toy_a_target
+from conftest import conditional_world, kill_after_first_checkpoint, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.errors import (
@@ -56,21 +51,6 @@ KILL_SCRIPT = textwrap.dedent("""
     DPG(steps={steps}, batch_size=32, seed=3, progress=False, checkpoint_dir={ckpt!r},
         checkpoint_every=25, off_policy=True).fit(toy_a_target(1.0))
 """)
-
-
-def kill_after_first_checkpoint(script: str, ckpt: Path, steps: int, timeout: float = 120) -> None:
-    """Run ``script`` in a subprocess, SIGKILL it once a checkpoint appears in ``ckpt``, and check
-    that it died mid-run and left only complete (checksummed) checkpoints."""
-    process = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + timeout
-    while (not list(ckpt.glob("checkpoint-*")) and process.poll() is None
-           and time.time() < deadline):
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
-    written = sorted(ckpt.glob("checkpoint-*"))
-    assert written and int(written[-1].name.split("-")[1]) < steps
-    assert all(verify(c) is None for c in written)  # none half-written
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
