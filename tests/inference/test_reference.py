@@ -1,0 +1,195 @@
+"""Reference builders (SPEC §12): exact pools by Rejection, SNIS pools by Importance, on tabular
+worlds (against enumeration), on the bundled code prior at step 0 (π = a: KL(p‖π) = −log Z)
+and on a policy collapsed onto a few sequences, where only the yardstick sees the missed mass."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import bayesalign as ba
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError
+from bayesalign.evaluation import evaluate, evaluate_policy
+from bayesalign.inference import exact_reference, snis_reference
+from bayesalign.models import CausalLM
+from bayesalign.models.tiny import tiny_causal_lm
+from bayesalign.sequences import Sequences
+from tests.conftest import conditional_world, toy_a_target
+
+
+class Collapsed(SequenceDistribution):
+    """(1 − ε)·uniform over a few sequences + ε·prior: a policy collapsed onto a few modes.
+
+    The ε·prior part keeps KL(p‖π) finite (log π ≥ log ε + log a) while π's own draws almost
+    never come from it (ε·eval_samples ≪ 1)."""
+
+    def __init__(self, prior: SequenceDistribution, modes: Sequences, eps: float) -> None:
+        super().__init__()
+        self.prior, self.modes, self.eps = prior, modes, eps
+        self.vocab_size, self.eos_token_id = prior.vocab_size, prior.eos_token_id
+        self.mode_keys = set(modes.keys())
+        assert len(self.mode_keys) == len(modes), "modes must be distinct"
+
+    def log_prob(self, y: Sequences) -> torch.Tensor:
+        on_mode = torch.tensor([k in self.mode_keys for k in y.keys()])
+        log_mode = torch.where(on_mode, math.log((1 - self.eps) / len(self.modes)), -math.inf)
+        log_prior = self.prior.log_prob(y).detach().double() + math.log(self.eps)
+        return torch.logaddexp(log_mode.double(), log_prior)
+
+    def sample_batch(self, num_samples: int) -> Sequences:
+        from_prior = torch.rand(num_samples) < self.eps
+        parts = [self.modes[torch.randint(len(self.modes), (int((~from_prior).sum()),))]]
+        if from_prior.any():
+            parts.append(self.prior.sample_batch(int(from_prior.sum())))
+        y = Sequences.cat(parts, pad_token_id=self.prior.pad_token_id)
+        return y.with_log_q(self.log_prob(y))
+
+
+@pytest.fixture(scope="module")
+def token_world():
+    """A tiny GPT-2 prior (non-enumerable) and a constraint "token t appears", prior rate ≈ 10%."""
+    prior = tiny_causal_lm(seed=1, initializer_range=0.3, max_new_tokens=12)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        draws = prior.sample_batch(512)
+    present = torch.stack([((draws.tokens == t) & draws.mask).any(-1)
+                           for t in range(prior.vocab_size)]).double().mean(-1)
+    chosen = int((present - 0.1).abs().argmin())
+    rate = float(present[chosen])
+    assert 0.05 <= rate <= 0.2, rate
+
+    @ba.target
+    def has_token():
+        y = pyro.sample("y", prior)
+        ba.constraint("has_token", ((y.tokens == chosen) & y.mask).any(-1))
+
+    return has_token, prior
+
+
+def test_exact_reference_agrees_with_enumeration_on_toy_a():
+    # Toy A's reward r = #2s ∈ [0, 3] at kl_coef 1: P/a = e^r ≤ e^3, so bound = e^3 is valid.
+    target = toy_a_target(1.0)
+    reference = exact_reference(target, bound=math.exp(3), num_samples=2000, seed=0)
+    assert reference.kind == "exact samples" and len(reference.samples) == 2000
+    assert "Rejection(bound=" in reference.method
+    policy = target.prior()  # π = a: exact KL(p‖a) by enumeration, next to the yardstick
+    d = evaluate(target, policy.sample_batch(8), law=policy.log_prob, reference=reference)
+    assert d.exact
+    assert abs(d.reference_kl_target_policy - d.kl_target_policy) <= (
+        3 * d.reference_kl_target_policy_se)
+    assert abs(d.reference_tvd - d.tvd) <= 3 * d.reference_tvd_se
+    assert d.reference_kl_target_policy_se < 0.05
+
+
+def test_exact_reference_for_one_context_of_a_conditional_world():
+    world = conditional_world()
+    reference = exact_reference(world, bound=1.0, num_samples=2000, context="b", seed=1)
+    prior_a = world.prior("a")  # π = the other context's prior: a real distance from p(·|b)
+    d = evaluate(world, prior_a.sample_batch(8), context="b", law=prior_a.log_prob,
+                 reference=reference)
+    assert d.kl_target_policy > 0.5
+    assert abs(d.reference_kl_target_policy - d.kl_target_policy) <= (
+        3 * d.reference_kl_target_policy_se)
+    with pytest.raises(ConfigError, match="built for context 'b', not for context 'a'"):
+        evaluate_policy(world, prior_a, reference, context="a", eval_samples=8)
+
+
+def test_snis_reference_reports_ess_and_pareto_k():
+    target = toy_a_target(1.0)
+    reference = snis_reference(target, num_samples=4000, seed=2)
+    assert reference.kind == "snis" and reference.num_proposed == 4000
+    policy = target.prior()
+    d = evaluate(target, policy.sample_batch(8), law=policy.log_prob, reference=reference)
+    assert abs(d.reference_kl_target_policy - d.kl_target_policy) <= (
+        3 * d.reference_kl_target_policy_se)
+    assert d.reference_ess == pytest.approx(reference.ess) and 500 < d.reference_ess < 4000
+    assert d.reference_pareto_k is not None and d.reference_pareto_k < 0.7
+
+
+def test_a_yardstick_with_no_bound_says_what_to_pass():
+    target = toy_a_target(1.0)
+    with pytest.raises(ConfigError, match="got no bound and no proposal: pass bound=M") as error:
+        exact_reference(target, num_samples=10)
+    assert "snis_reference" in str(error.value)
+    with pytest.raises(ConfigError, match="got no bound and a proposal"):
+        exact_reference(target, num_samples=10, proposal=target.prior())
+    # A bound below max P/q is refused by Rejection, naming the draw.
+    with pytest.raises(ConfigError, match="bound 1.0"):
+        exact_reference(target, bound=1.0, num_samples=10)
+
+
+def test_yardstick_at_step_0_is_minus_log_z_on_a_tiny_gpt2(token_world):
+    # π = a on a pointwise target a·1[b]: KL(p‖a) = −log Z = −log P_a(b). The yardstick's
+    # log Ẑ (Rejection's proposals) and the on-policy estimate (fresh prior draws) are
+    # independent; they agree within 3 combined se.
+    target, prior = token_world
+    reference = exact_reference(target, bound=1.0, num_samples=300, seed=3)
+    torch.manual_seed(4)
+    d = evaluate_policy(target, prior, reference, eval_samples=2048)
+    assert d.distances_from == "policy draws" and not d.exact
+    se = math.hypot(d.reference_kl_target_policy_se, d.log_z_se)
+    assert abs(d.reference_kl_target_policy - d.kl_target_policy) <= 3 * se
+    # log P − log π = 0 on the pool up to float32 rounding (log a cached while sampling with a
+    # KV cache vs recomputed in one pass), so the yardstick is −log Ẑ.
+    assert d.reference_kl_target_policy == pytest.approx(-reference.log_z, abs=1e-4)
+    assert 1.5 < d.reference_kl_target_policy < 3.1  # prior rate 5–20%
+
+
+@pytest.mark.slow
+def test_yardstick_at_step_0_is_minus_log_z_on_the_code_prior():
+    # bundled:code-small, b = "return" appears in 32 tokens (prior rate ≈ 10%).
+    prior = CausalLM.from_pretrained("bundled:code-small", max_new_tokens=32)
+
+    @ba.target
+    def has_return():
+        y = pyro.sample("y", prior)
+        ba.constraint("return", torch.tensor(["return" in s for s in y.text]))
+
+    reference = exact_reference(has_return, bound=1.0, num_samples=200, chunk_size=256, seed=5)
+    torch.manual_seed(6)
+    d = evaluate_policy(has_return, prior, reference, eval_samples=1024)
+    rate = d.moments["return"][0]
+    assert 0.05 <= rate <= 0.2
+    se = math.hypot(d.reference_kl_target_policy_se, d.log_z_se)
+    assert abs(d.reference_kl_target_policy - d.kl_target_policy) <= 3 * se
+    assert d.reference_kl_target_policy == pytest.approx(-reference.log_z, abs=1e-4)
+
+
+def test_a_collapsed_policy_looks_close_on_policy_but_far_by_the_yardstick(token_world):
+    target, prior = token_world
+    reference = exact_reference(target, bound=1.0, num_samples=300, seed=7)
+    keys, first = set(), []
+    for i, key in enumerate(reference.samples.keys()):
+        if key not in keys:
+            keys.add(key)
+            first.append(i)
+    modes = reference.samples[first[:3]]  # three sequences that meet the constraint
+    eps = 1e-6
+    collapsed = Collapsed(prior, modes, eps)
+    torch.manual_seed(8)
+    d = evaluate_policy(target, collapsed, reference, eval_samples=1024)
+    step0 = evaluate_policy(target, prior, reference, eval_samples=1024)
+    # On-policy: π's draws are the three modes, which all meet the constraint, so the SNIS
+    # estimate is KL between p restricted to them and uniform: at most log 3.
+    assert d.distances_from == "policy draws"
+    assert d.moments["has_token"][0] == 1.0
+    assert d.kl_target_policy <= math.log(3) + 1e-9
+    # The yardstick: p's draws off the modes have log π ≈ log ε + log a, so KL(p‖π) ≈ −log ε
+    # − log Z ≫ KL(p‖a), the prior's own distance.
+    assert d.reference_kl_target_policy > 10
+    assert d.reference_kl_target_policy > step0.reference_kl_target_policy + 8
+    assert d.reference_kl_target_policy - 3 * d.reference_kl_target_policy_se > (
+        5 * d.kl_target_policy)
+    assert d.reference_tvd > 0.9
+
+
+def test_a_reference_for_another_target_is_refused(token_world):
+    target, prior = token_world
+    reference = exact_reference(toy_a_target(1.0), bound=math.exp(3), num_samples=10)
+    with pytest.raises(ConfigError, match="built for target 'toy_a', not for the target "
+                                          "'has_token'"):
+        evaluate_policy(target, prior, reference, eval_samples=8)
