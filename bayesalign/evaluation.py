@@ -159,13 +159,8 @@ def _fill_reference(result: Diagnostics, reference: Reference, law: LogProb) -> 
     result.reference_num_samples = measured.num_samples
     result.reference_ess = measured.ess
     result.reference_pareto_k = measured.pareto_k
-    if measured.pareto_k is not None and measured.pareto_k > reference.pareto_k_threshold:
-        message = (
-            f"the SNIS reference's Pareto k̂ = {measured.pareto_k:.2f} exceeds "
-            f"{reference.pareto_k_threshold:.2f} for its {measured.num_samples} draws (ESS "
-            f"{measured.ess:.1f}): its KL(p‖π) and TVD are unreliable; use a larger pool, a "
-            "proposal closer to the target, or an exact reference if the target has a bound"
-        )
+    message = reference.untrusted()
+    if message is not None:
         result.warnings.append(message)
         warnings.warn(message, stacklevel=3)
 

@@ -29,9 +29,10 @@ from .targets import Target
 
 EXACT = "exact samples"
 SNIS = "snis"
+MIN_REFERENCE_ESS = 100  # below it an SNIS pool's estimates rest on a handful of draws
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a pool is compared by identity, as the target it is for
 class Reference:
     """A pool of draws for one (target, context), with everything the estimator needs cached.
 
@@ -105,6 +106,25 @@ class Reference:
     def pareto_k_threshold(self) -> float:
         return dx.khat_threshold(len(self.samples))
 
+    def untrusted(self) -> str | None:
+        """Why an SNIS pool's estimates should not be trusted (SPEC §9), or None if they may be:
+        k̂ above ``pareto_k_threshold`` or an ESS below ``MIN_REFERENCE_ESS``."""
+        if self.kind != SNIS:
+            return None
+        reasons = []
+        if self.pareto_k > self.pareto_k_threshold:
+            reasons.append(f"Pareto k̂ = {self.pareto_k:.2f} exceeds {self.pareto_k_threshold:.2f}")
+        if self.ess < MIN_REFERENCE_ESS:
+            reasons.append(f"ESS = {self.ess:.1f} is below {MIN_REFERENCE_ESS}")
+        if not reasons:
+            return None
+        return (
+            f"the SNIS reference for target '{self.target.name}' ({len(self.samples)} draws) is "
+            f"unreliable: {' and '.join(reasons)}; its KL(p‖π) and TVD may be far off. Use a "
+            "larger pool, a proposal closer to the target, or exact_reference if the target "
+            "has a known bound"
+        )
+
     def require_for(self, target: Target, context: Any) -> None:
         """Refuse to measure a posterior of another target or context than the pool's."""
         if target is not self.target:
@@ -137,11 +157,16 @@ class ReferenceDistances:
 def distances(reference: Reference, log_pi: torch.Tensor) -> ReferenceDistances:
     """KL(p‖π) and TVD(p, π) of a policy with log-probabilities ``log_pi`` on the pool (SPEC §12).
 
-    Exact pool (y_i ~ p, d_i = log P_i − log π_i, r_i = π_i Ẑ / P_i):
-    ``KL ≈ mean d − log Ẑ``, se² = var(d)/n + se(log Ẑ)²; ``TVD ≈ ½ mean |1 − r|``, its se with
+    Exact pool (y_i ~ p, d_i = log P_i − log π_i, r_i = π_i Ẑ / P_i = π/p):
+    ``KL ≈ mean d − log Ẑ``, se² = var(d)/n + se(log Ẑ)²; ``TVD ≈ mean (1 − r)₊``, its se with
     the log Ẑ term's (delta method) added in quadrature. A draw with π = 0 makes KL infinite.
-    SNIS pool (y_i ~ q, w_i = P_i/q_i): ``KL ≈ Σ w̃ d − log Ẑ`` and ``TVD ≈ ½ mean |π/q − w/Ẑ|``
-    (SPEC §2.6); both terms come from the same draws, so their se is the delta method on both.
+    SNIS pool (y_i ~ q, w_i = P_i/q_i): ``KL ≈ Σ w̃ d − log Ẑ`` and ``TVD ≈ mean (w/Ẑ − π/q)₊``;
+    both terms come from the same draws, so their se is the delta method on both.
+
+    TVD = Σ_y (p − π)₊ = E_p (1 − π/p)₊: each term lies in [0, 1], where SPEC §12's
+    ½ E_p |1 − π/p| (equal when π lives on p's support) has terms up to π/p, unbounded on
+    sequences π favours and p does not (a collapsed policy's modes), and leaves out the mass π
+    puts where p is 0 (a policy that breaks a hard constraint).
     """
     log_pi = torch.as_tensor(log_pi).detach().double().cpu().reshape(-1)
     n = len(reference.samples)
@@ -168,9 +193,9 @@ def _exact_pool(log_score, log_pi, log_z, log_z_se):
     d = log_score - log_pi
     kl = float(d.mean()) - log_z
     kl_se = math.hypot(_std_error(d), log_z_se)
-    ratio = torch.exp(log_pi + log_z - log_score)
-    terms = 0.5 * (1 - ratio).abs()
-    slope = float((0.5 * torch.sign(ratio - 1) * ratio).mean())  # ∂TVD/∂log Z
+    ratio = torch.exp(log_pi + log_z - log_score)  # π/p
+    terms = (1 - ratio).clamp(min=0)
+    slope = float(-(ratio * (ratio < 1)).mean())  # ∂TVD/∂log Z
     tvd_se = math.hypot(_std_error(terms), slope * log_z_se)
     return kl, kl_se, float(terms.mean()), tvd_se
 
@@ -183,10 +208,9 @@ def _snis_pool(log_score, log_w, log_pi):
     kl = mean_d - log_z
     # Delta method on KL = A/B − log B with A = mean(w d), B = mean(w): influence (w/B)(d − μ − 1).
     kl_se = _std_error(w * (d - mean_d - 1))
-    log_q = log_score - log_w
-    pi_over_q = torch.exp(log_pi - log_q)
-    terms = 0.5 * (pi_over_q - w).abs()
-    # ∂/∂B of ½|π/q − w/B| is ½ sign(π/q − w/B) w/B², so each draw adds w·mean(½ sign · w/B)/B.
-    slope = float((0.5 * torch.sign(pi_over_q - w) * w).mean())
-    tvd_se = _std_error(terms + slope * w)
+    pi_over_q = torch.exp(log_pi - (log_score - log_w))
+    terms = (w - pi_over_q).clamp(min=0)
+    # ∂/∂B of (w/B − π/q)₊ is −(w/B²)·1[w/B > π/q]: each draw adds −w·mean(ŵ·1[·])/B.
+    slope = float((w * (w > pi_over_q)).mean())
+    tvd_se = _std_error(terms - slope * w)
     return kl, kl_se, float(terms.mean()), tvd_se

@@ -5,6 +5,7 @@ and on a policy collapsed onto a few sequences, where only the yardstick sees th
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pytest
@@ -94,6 +95,13 @@ def test_exact_reference_for_one_context_of_a_conditional_world():
     assert d.kl_target_policy > 0.5
     assert abs(d.reference_kl_target_policy - d.kl_target_policy) <= (
         3 * d.reference_kl_target_policy_se)
+    # π puts mass where p(·|b) is 0 (no token 2): TVD = Σ (p − π)₊ still counts it, which
+    # ½ E_p |1 − π/p| cannot (p never draws those sequences).
+    assert abs(d.reference_tvd - d.tvd) <= 3 * d.reference_tvd_se
+    log_pi = prior_a.log_prob(reference.samples).double()
+    half_abs = float(0.5 * (1 - torch.exp(log_pi + reference.log_z - reference.log_score))
+                     .abs().mean())
+    assert abs(half_abs - d.tvd) > 10 * d.reference_tvd_se
     with pytest.raises(ConfigError, match="built for context 'b', not for context 'a'"):
         evaluate_policy(world, prior_a, reference, context="a", eval_samples=8)
 
@@ -184,7 +192,8 @@ def test_a_collapsed_policy_looks_close_on_policy_but_far_by_the_yardstick(token
     assert d.reference_kl_target_policy > step0.reference_kl_target_policy + 8
     assert d.reference_kl_target_policy - 3 * d.reference_kl_target_policy_se > (
         5 * d.kl_target_policy)
-    assert d.reference_tvd > 0.9
+    # TVD = E_p (1 − π/p)₊: p's draws off the modes have π/p ≈ ε, so it is ≈ 1.
+    assert 0.95 < d.reference_tvd <= 1.0
 
 
 def test_a_reference_for_another_target_is_refused(token_world):
@@ -193,3 +202,59 @@ def test_a_reference_for_another_target_is_refused(token_world):
     with pytest.raises(ConfigError, match="built for target 'toy_a', not for the target "
                                           "'has_token'"):
         evaluate_policy(target, prior, reference, eval_samples=8)
+
+
+def test_one_pool_measures_several_engines_and_a_saved_policy(tmp_path):
+    from bayesalign.inference import DPG, KLRL
+    from bayesalign.posterior import Posterior
+
+    target = toy_a_target(1.0)
+    reference = exact_reference(target, bound=math.exp(3), num_samples=2000, seed=9)
+    budget = {"steps": 100, "batch_size": 32, "seed": 0, "progress": False}
+    for engine in (DPG(**budget), KLRL(algorithm="rloo", **budget)):
+        post = engine.fit(target)
+        d = evaluate_policy(target, post.policy, reference, eval_samples=64)
+        # The policy's exact KL(p‖π) (enumeration) is what the yardstick estimates.
+        assert d.kl_target_policy == pytest.approx(post.diagnostics.kl_target_policy, abs=1e-9)
+        assert abs(d.reference_kl_target_policy - d.kl_target_policy) <= (
+            3 * d.reference_kl_target_policy_se)
+    # A saved policy, loaded into a fresh copy of the prior, gets the same numbers from the pool.
+    post.save(tmp_path / "post")
+    loaded = Posterior.load(tmp_path / "post", policy=target.prior().trainable_copy())
+    again = evaluate_policy(target, loaded.policy, reference, eval_samples=64)
+    assert again.reference_kl_target_policy == pytest.approx(d.reference_kl_target_policy,
+                                                             abs=1e-9)
+    assert again.reference_kl_target_policy != pytest.approx(
+        evaluate_policy(target, target.prior(), reference, eval_samples=64)
+        .reference_kl_target_policy, abs=1e-3)
+
+
+def ids_target(prior, kl_coef: float):
+    @ba.target
+    def token_ids():
+        y = pyro.sample("y", prior)
+        ba.reward("ids", (y.tokens.double() * y.mask).sum(-1) / 1000, kl_coef=kl_coef)
+
+    return token_ids
+
+
+@pytest.mark.parametrize("kl_coef, reason", [(0.1, "Pareto k̂ = "), (0.3, "ESS = "),
+                                             (1.0, None)])
+def test_an_untrustworthy_snis_reference_is_flagged(token_world, kl_coef, reason):
+    # A continuous reward on the tiny GPT-2 at a small kl_coef gives heavy-tailed weights on
+    # 400 prior draws (measured: k̂ ≈ 2.0, ESS ≈ 2 at 0.1; k̂ ≈ 0.44, ESS ≈ 42 at 0.3; k̂ < 0,
+    # ESS ≈ 288 at 1.0).
+    _, prior = token_world
+    target = ids_target(prior, kl_coef)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Importance's own k̂ warning on its weights
+        reference = snis_reference(target, num_samples=400, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = evaluate_policy(target, prior, reference, eval_samples=64)
+    flagged = [w for w in d.warnings if "SNIS reference" in w]
+    assert len([w for w in caught if "SNIS reference" in str(w.message)]) == len(flagged)
+    if reason is None:
+        assert not flagged and reference.untrusted() is None
+    else:
+        assert len(flagged) == 1 and reason in flagged[0] and "unreliable" in flagged[0]
