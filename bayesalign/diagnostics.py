@@ -128,8 +128,8 @@ class Diagnostics:
       and ``reference_tvd`` ± ``_se`` estimated on the pool's ``reference_num_samples`` draws;
       ``reference_kind`` says what the pool is: ``"exact samples"`` (y ~ p by Rejection; the
       se includes log Ẑ's) or ``"snis"`` (weighted prior draws, whose ``reference_ess`` and
-      ``reference_pareto_k`` say when not to trust it: k̂ above ``pareto_k_threshold``'s rule
-      for the pool's size, or an ESS of a few draws).
+      ``reference_pareto_k`` say when not to trust it: k̂ above SPEC §9's threshold for the
+      pool's size, or an ESS below ``reference.MIN_REFERENCE_ESS``; ``warnings`` says so).
     - ``exact``: True when ``kl_target_policy``, ``tvd``, ``kl_policy_prior``, ``elbo``,
       ``rewards`` and ``moments`` were computed by enumerating the support (no Monte Carlo
       error in the computation) under the law ``distances_from`` names; False when they are
