@@ -1,7 +1,8 @@
 """The reference estimator (SPEC §12) on Toy A: exact and SNIS pools against brute-force KL/TVD.
 
 Pools are drawn here by hand (exact draws from the enumerated p, prior draws for SNIS), so the
-estimator is checked independently of the inference builders (tests/inference/test_reference.py).
+estimator is checked independently of the inference builders
+(tests/inference/test_reference_builders.py).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import math
 
 import pytest
 import torch
+from conftest import brute_force_toy_a, conditional_world, toy_a_target
 
 from bayesalign import diagnostics as dx
 from bayesalign.errors import ConfigError, EmptySupportError
 from bayesalign.evaluation import evaluate
 from bayesalign.models import TabularLM
 from bayesalign.reference import EXACT, SNIS, Reference, distances
-from tests.conftest import brute_force_toy_a, conditional_world, toy_a_target
 
 # π: another first-token law and transition table than the prior's, so p, a and π all differ.
 PI1 = [0.2, 0.3, 0.5]
