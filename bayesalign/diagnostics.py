@@ -120,6 +120,16 @@ class Diagnostics:
       ``"policy draws"`` — importance-sampling estimates from ``num_proposed`` fresh policy
       draws (SPEC §2.6). ``"proposal draws"`` — the engine's own importance-sampling estimates
       from its proposal draws (QRS: KL(p‖p_β) and TVD(p, p_β), SPEC §4.2). None: not known.
+      Off enumerable worlds a policy's ``kl_target_policy`` is thus the on-policy estimate
+      (self-normalised, from π's own draws): it cannot see target mass π does not sample and
+      is small exactly when π has collapsed; the ``reference_*`` fields are the honest one.
+    - ``reference_*``: from a `Reference` pool built once for the target and context
+      (``evaluate(..., reference=...)``, SPEC §12): ``reference_kl_target_policy`` ± ``_se``
+      and ``reference_tvd`` ± ``_se`` estimated on the pool's ``reference_num_samples`` draws;
+      ``reference_kind`` says what the pool is: ``"exact samples"`` (y ~ p by Rejection; the
+      se includes log Ẑ's) or ``"snis"`` (weighted prior draws, whose ``reference_ess`` and
+      ``reference_pareto_k`` say when not to trust it: k̂ above SPEC §9's threshold for the
+      pool's size, or an ESS below ``reference.MIN_REFERENCE_ESS``; ``warnings`` says so).
     - ``exact``: True when ``kl_target_policy``, ``tvd``, ``kl_policy_prior``, ``elbo``,
       ``rewards`` and ``moments`` were computed by enumerating the support (no Monte Carlo
       error in the computation) under the law ``distances_from`` names; False when they are
@@ -148,6 +158,14 @@ class Diagnostics:
     num_samples: int | None = None
     exact: bool = False
     distances_from: str | None = None
+    reference_kl_target_policy: float | None = None
+    reference_kl_target_policy_se: float | None = None
+    reference_tvd: float | None = None
+    reference_tvd_se: float | None = None
+    reference_kind: str | None = None
+    reference_num_samples: int | None = None
+    reference_ess: float | None = None
+    reference_pareto_k: float | None = None
     extras: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 

@@ -5,13 +5,16 @@ it is known, the proposal's weights), not of a `Posterior`: engines call it and 
 their `Posterior` complete. Distances (KL(p‖π), TVD, KL(π‖a)) and reward/moment expectations
 are computed by enumeration when the prior is enumerable and the law (or the weighted
 empirical law) is known, and estimated from fresh policy draws or averaged over the samples
-otherwise (SPEC §2.6, §9); ``Diagnostics.distances_from`` says which.
+otherwise (SPEC §2.6, §9); ``Diagnostics.distances_from`` says which. Given a `Reference`
+pool, it also measures the law against it (``Diagnostics.reference_*``, SPEC §12): the honest
+distance off enumerable worlds, where the on-policy estimate cannot see the mass π misses.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +23,8 @@ import torch
 from . import diagnostics as dx
 from .diagnostics import Diagnostics
 from .distribution import SequenceDistribution
+from .errors import ConfigError
+from .reference import Reference, distances
 from .sequences import Sequences
 from .targets import NO_CONTEXT, FactorSite, Target
 
@@ -41,6 +46,7 @@ def evaluate(
     exact_log_z: float | None = None,
     policy: SequenceDistribution | None = None,
     eval_samples: int = EVALUATION_SAMPLES,
+    reference: Reference | None = None,
 ) -> Diagnostics:
     """Diagnostics of ``samples`` as an approximation of ``target`` given ``context``.
 
@@ -57,9 +63,19 @@ def evaluate(
     - ``policy``: a policy to draw ``eval_samples`` fresh sequences from when no proposal
       weights are given: their weights give log Ẑ, ESS, k̂ and, off enumerable worlds,
       importance-sampling distances. The draws use torch's global RNG.
+    - ``reference``: a `Reference` pool built for this target and context (refused otherwise);
+      ``law`` (or ``policy.log_prob``) is evaluated on its draws for ``reference_*`` KL(p‖π)
+      and TVD with standard errors. No draws are made for it.
 
     Reads no `Posterior` and changes none of its arguments.
     """
+    if reference is not None:
+        reference.require_for(target, context)
+        if law is None and policy is None:
+            raise ConfigError(
+                "evaluate(reference=...) needs the law the samples follow (law= or policy=): "
+                "the reference measures a distribution by its log-probability on the pool"
+            )
     if num_proposed is None and proposal_log_weights is not None:
         num_proposed = len(proposal_log_weights)
     result = Diagnostics(num_samples=len(samples), num_proposed=num_proposed)
@@ -86,7 +102,32 @@ def evaluate(
     else:
         _fill_estimated(result, target, context, samples, log_weights, policy_draws, log_w)
     result.check_pareto_k()
+    if reference is not None:
+        _fill_reference(result, reference, law or policy.log_prob)
     return result
+
+
+def evaluate_policy(
+    target: Target,
+    policy: SequenceDistribution,
+    reference: Reference | None = None,
+    *,
+    context: Any = NO_CONTEXT,
+    eval_samples: int = EVALUATION_SAMPLES,
+) -> Diagnostics:
+    """Diagnostics of a policy for ``target`` given ``context``, as a policy engine reports them.
+
+    For any trained policy without refitting: a fit's ``posterior.policy``, a checkpoint's
+    weights loaded into a policy. With ``reference`` the one pool measures them all
+    (``reference_*``) next to the on-policy estimates from ``eval_samples`` fresh draws
+    (``kl_target_policy`` with ``distances_from="policy draws"`` off enumerable worlds).
+    The draws use torch's global RNG.
+    """
+    conditional = policy.given(context)
+    with torch.no_grad():
+        samples = conditional.sample_batch(eval_samples)
+    return evaluate(target, samples, context=context, law=conditional.log_prob,
+                    policy=conditional, eval_samples=eval_samples, reference=reference)
 
 
 def normalised_weights(log_weights: torch.Tensor | None, num_samples: int) -> torch.Tensor:
@@ -104,6 +145,24 @@ def empirical_log_prob(
     for key, w in zip(samples.keys(), normalised_weights(log_weights, len(samples)).tolist()):
         mass[key] = mass.get(key, 0.0) + w
     return torch.tensor([mass.get(k, 0.0) for k in y.keys()], dtype=torch.float64).log()
+
+
+def _fill_reference(result: Diagnostics, reference: Reference, law: LogProb) -> None:
+    with torch.no_grad():
+        log_pi = law(reference.samples)
+    measured = distances(reference, log_pi)
+    result.reference_kl_target_policy = measured.kl_target_policy
+    result.reference_kl_target_policy_se = measured.kl_target_policy_se
+    result.reference_tvd = measured.tvd
+    result.reference_tvd_se = measured.tvd_se
+    result.reference_kind = measured.kind
+    result.reference_num_samples = measured.num_samples
+    result.reference_ess = measured.ess
+    result.reference_pareto_k = measured.pareto_k
+    message = reference.untrusted()
+    if message is not None:
+        result.warnings.append(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _fill_weight_stats(result: Diagnostics, log_w: torch.Tensor) -> None:

@@ -25,10 +25,12 @@ _EXPORTS = {
     "TrainingError": "bayesalign.errors",
     "best_of_n_kl_bound": ".best_of_n",
     "best_of_n_log_law": ".best_of_n",
+    "exact_reference": ".reference",
     "fit_moments": ".moments",
     "history_to_arviz": "bayesalign.training",
     "history_to_csv": "bayesalign.training",
     "qrs_estimates": ".rejection",
+    "snis_reference": ".reference",
 }
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from .klrl import KLRL
     from .moments import MomentFit, fit_moments
     from .pretraining import Pretraining
+    from .reference import exact_reference, snis_reference
     from .rejection import QRS, QRSCurves, Rejection, qrs_estimates
 
 
@@ -74,8 +77,10 @@ __all__ = [
     "TrainingError",
     "best_of_n_kl_bound",
     "best_of_n_log_law",
+    "exact_reference",
     "fit_moments",
     "history_to_arviz",
     "history_to_csv",
     "qrs_estimates",
+    "snis_reference",
 ]
