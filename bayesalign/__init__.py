@@ -16,11 +16,13 @@ _EXPORTS = {
     "Diagnostics": "diagnostics",
     "MomentLambdas": "likelihood",
     "Posterior": "posterior",
+    "Reference": "reference",
     "SequenceDistribution": "distribution",
     "Sequences": "sequences",
     "Target": "targets",
     "constraint": "likelihood",
     "evaluate": "evaluation",
+    "evaluate_policy": "evaluation",
     "log_sigmoid_centered": "likelihood",
     "moment": "likelihood",
     "reference_reward": "likelihood",
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from .diagnostics import Diagnostics
     from .distribution import SequenceDistribution
     from .errors import BayesAlignError
-    from .evaluation import evaluate
+    from .evaluation import evaluate, evaluate_policy
     from .likelihood import (
         MomentLambdas,
         constraint,
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
         reward,
     )
     from .posterior import Posterior
+    from .reference import Reference
     from .sequences import Sequences
     from .targets import Target, target
 
@@ -63,11 +66,13 @@ __all__ = [
     "Diagnostics",
     "MomentLambdas",
     "Posterior",
+    "Reference",
     "SequenceDistribution",
     "Sequences",
     "Target",
     "constraint",
     "evaluate",
+    "evaluate_policy",
     "log_sigmoid_centered",
     "moment",
     "reference_reward",
