@@ -209,7 +209,7 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{self.engine}: loss is {loss.item()} at step {step}; training stopped. "
-                    f"{self._last_checkpoint_note()}"
+                    f"{self.last_checkpoint_note()}"
                 )
             self.strategy.backward(loss, accumulation)
             rows.append({"loss": float(loss.detach()), **metrics})
@@ -249,7 +249,8 @@ class Trainer:
         gathered = self.accelerator.gather(tensor)
         return float(gathered[:, 0].mean()), float(gathered[:, 1].max())
 
-    def _last_checkpoint_note(self) -> str:
+    def last_checkpoint_note(self) -> str:
+        """Where a stopped run resumes from (for the messages of errors that stop training)."""
         latest = self._checkpoints()[-1:] if self.config.checkpoint_dir else []
         return f"Last checkpoint kept: {latest[0]}" if latest else "No checkpoint was written."
 

@@ -1,0 +1,200 @@
+"""Divergence detection for the policy engines (DPG, KL-RL): say when a run goes off the rails.
+
+"Divergence" here is a training run running away, not DPG's f-divergence. Three signals, each
+read from what a step already computes (its draws y ~ q and their weights w = P(y)/q(y)):
+
+(a) **ESS collapse**: the Kish ESS fraction (Σw)²/(n Σw²) of the step's weights stays below
+    ``divergence_ess_fraction`` for ``divergence_patience`` consecutive checks (one per step
+    without gradient accumulation): a handful of draws carry the whole target mass;
+(b) **KL(π‖a) runaway**: the step's estimate of KL(π‖a) passes ``divergence_kl_multiple`` ×
+    the target's KL(p‖a). KL(p‖a) = E_p[log P − log a] − log Z (SPEC §1) is estimated from
+    every weight drawn so far, pooled: E_p[log φ] (φ = P/a, the potential) by self-normalised
+    IS with the pooled weights, minus log Ẑ, the pooled mean weight (DPG's running Ẑ). The
+    policy that solves the target sits at KL(π‖a) = KL(p‖a); one far past it has left p;
+(c) **log Ẑ drift** (DPG): the step's estimate log mean w differs from the running log Ẑ of
+    the steps before by more than ``divergence_log_z_se`` standard errors (the two delta-method
+    se's, sqrt(1/ESS − 1/n) each, combined): every step's mean weight estimates the same Z, so
+    a drift means the policy's draws no longer see the target's mass.
+
+``divergence_action``: "warn" raises a `DivergenceWarning` once per signal, naming the step and
+the signal's value; "stop" raises a `TrainingError` naming them and the last checkpoint kept
+(a checkpointed run then resumes from its last good checkpoint); "off" checks nothing. The
+monitor's running sums and patience count are checkpointed with the engine's state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+
+from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError, require_positive
+
+ACTIONS = ("warn", "stop", "off")
+
+
+@dataclass
+class DivergenceOptions:
+    """The options of divergence detection, shared by DPG and KL-RL (one line each)."""
+
+    # They watch the run without changing it, so a resumed run may change any of them.
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
+        "divergence_action", "divergence_ess_fraction", "divergence_patience",
+        "divergence_kl_multiple", "divergence_log_z_se")
+
+    divergence_action: str = "warn"  # "warn", "stop" (TrainingError at the last checkpoint), "off"
+    divergence_ess_fraction: float = 0.01  # (a): ESS/n below this ...
+    divergence_patience: int = 10  # ... for this many consecutive checks
+    divergence_kl_multiple: float = 10.0  # (b): KL(π‖a) above this × the estimated KL(p‖a)
+    divergence_log_z_se: float = 8.0  # (c), DPG: step log Ẑ this many se from the running one
+
+    def check_divergence_options(self) -> None:
+        if self.divergence_action not in ACTIONS:
+            raise ConfigError(f"divergence_action must be one of {ACTIONS}, "
+                              f"got {self.divergence_action!r}")
+        if not 0 < self.divergence_ess_fraction < 1:
+            raise ConfigError("divergence_ess_fraction must be in (0, 1), "
+                              f"got {self.divergence_ess_fraction}")
+        if not isinstance(self.divergence_patience, int) or self.divergence_patience < 1:
+            raise ConfigError(f"divergence_patience must be an integer >= 1, "
+                              f"got {self.divergence_patience!r}")
+        require_positive("divergence_kl_multiple", self.divergence_kl_multiple)
+        require_positive("divergence_log_z_se", self.divergence_log_z_se)
+
+
+@dataclass
+class PooledWeights:
+    """Running sums over every weight drawn for one context: log Σw, log Σw², n, and the
+    self-normalised mean of log φ under them (an estimate of E_p log φ)."""
+
+    log_sum: float = -math.inf
+    log_sum_sq: float = -math.inf
+    count: int = 0
+    mean_log_potential: float = 0.0
+
+    def log_z(self) -> float:
+        return self.log_sum - math.log(self.count) if self.count else -math.inf
+
+    def log_z_se(self) -> float:
+        return _se(self.log_sum, self.log_sum_sq, self.count)
+
+    def add(self, log_w: torch.Tensor, log_potential: torch.Tensor) -> None:
+        finite = torch.isfinite(log_w)
+        self.count += log_w.numel()
+        if not finite.any():
+            return
+        batch = float(torch.logsumexp(log_w[finite], 0))
+        total = float(torch.logaddexp(torch.tensor(self.log_sum), torch.tensor(batch)))
+        mean = float((torch.softmax(log_w[finite], 0) * log_potential[finite]).sum())
+        share = math.exp(batch - total)
+        self.mean_log_potential = (1 - share) * self.mean_log_potential + share * mean
+        self.log_sum = total
+        self.log_sum_sq = float(torch.logaddexp(torch.tensor(self.log_sum_sq),
+                                                torch.logsumexp(2 * log_w[finite], 0)))
+
+
+@dataclass
+class DivergenceState:
+    """What the monitor checkpoints: the pooled weights per context, the current run of low-ESS
+    checks, and the signals already reported (each is reported once)."""
+
+    pooled: dict[str, PooledWeights] = field(default_factory=dict)
+    low_ess_checks: int = 0
+    reported: list[str] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pooled = {k: PooledWeights(**v) for k, v in state["pooled"].items()}
+        self.low_ess_checks, self.reported = state["low_ess_checks"], list(state["reported"])
+
+
+class DivergenceMonitor:
+    """Reads each step's weights, returns the signals' values for the history, and warns or
+    stops when one passes its threshold. ``last_checkpoint`` says where a stopped run resumes."""
+
+    def __init__(self, options: DivergenceOptions, engine: str, state: DivergenceState,
+                 last_checkpoint: Callable[[], str], log_z_drift: bool) -> None:
+        self.options = options
+        self.engine = engine
+        self.state = state
+        self.last_checkpoint = last_checkpoint
+        self.log_z_drift = log_z_drift
+
+    def signals(self, key: str, log_w: torch.Tensor, log_potential: torch.Tensor,
+                kl_policy_prior: float) -> dict[str, float]:
+        """One context's signals at this step (and its weights pooled for the next steps):
+        ``ess_fraction``, ``kl_target_prior`` (pooled estimate), ``kl_policy_prior_multiple``
+        (KL(π‖a) / KL(p‖a)) and, for DPG, ``log_z_drift_se``."""
+        if self.options.divergence_action == "off":
+            return {}
+        pooled = self.state.pooled.setdefault(key, PooledWeights())
+        before_log_z, before_se = pooled.log_z(), pooled.log_z_se()
+        pooled.add(log_w.double(), log_potential.double())
+        finite = torch.isfinite(log_w)
+        n = log_w.numel()
+        if not finite.any():
+            return {"ess_fraction": 0.0}
+        log_sum = float(torch.logsumexp(log_w[finite], 0))
+        log_sum_sq = float(torch.logsumexp(2 * log_w[finite], 0))
+        out = {"ess_fraction": math.exp(2 * log_sum - log_sum_sq) / n}
+        kl_target_prior = pooled.mean_log_potential - pooled.log_z()
+        out["kl_target_prior"] = kl_target_prior
+        if kl_target_prior > 0:
+            out["kl_policy_prior_multiple"] = kl_policy_prior / kl_target_prior
+        if self.log_z_drift and math.isfinite(before_log_z):
+            se = math.hypot(_se(log_sum, log_sum_sq, n), before_se)
+            drift = (log_sum - math.log(n)) - before_log_z
+            out["log_z_drift_se"] = abs(drift) / se if se > 0 else (0.0 if drift == 0 else math.inf)
+        return out
+
+    def check(self, step: int, rows: list[dict[str, float]]) -> dict[str, float]:
+        """The step's worst signal over its contexts (for the history), checked."""
+        options = self.options
+        if options.divergence_action == "off" or not rows:
+            return {}
+        worst = {"ess_fraction": min(r["ess_fraction"] for r in rows)}
+        for name in ("kl_policy_prior_multiple", "log_z_drift_se"):
+            values = [r[name] for r in rows if name in r]
+            if values:
+                worst[name] = max(values)
+        low = worst["ess_fraction"] < options.divergence_ess_fraction
+        self.state.low_ess_checks = self.state.low_ess_checks + 1 if low else 0
+        if self.state.low_ess_checks >= options.divergence_patience:
+            self._report(step, "ess_fraction", f"the importance weights' ESS fraction has been "
+                         f"below divergence_ess_fraction={options.divergence_ess_fraction} for "
+                         f"{self.state.low_ess_checks} consecutive steps (now "
+                         f"{worst['ess_fraction']:.3g})")
+        multiple = worst.get("kl_policy_prior_multiple", 0.0)
+        if multiple > options.divergence_kl_multiple:
+            self._report(step, "kl_policy_prior", f"KL(π‖a) is {multiple:.3g} × the target's "
+                         f"estimated KL(p‖a), past divergence_kl_multiple="
+                         f"{options.divergence_kl_multiple}")
+        drift = worst.get("log_z_drift_se", 0.0)
+        if drift > options.divergence_log_z_se:
+            self._report(step, "log_z", f"the step's log Ẑ is {drift:.3g} standard errors from "
+                         f"the running log Ẑ, past divergence_log_z_se="
+                         f"{options.divergence_log_z_se}")
+        return {f"monitor_{k}": v for k, v in worst.items()}
+
+    def _report(self, step: int, signal: str, what: str) -> None:
+        message = f"{self.engine} diverges at step {step}: {what}"
+        if self.options.divergence_action == "stop":
+            raise TrainingError(f"{message}; training stopped (divergence_action='stop'). "
+                                f"{self.last_checkpoint()}")
+        if signal not in self.state.reported:
+            self.state.reported.append(signal)
+            warnings.warn(f"{message}. Lower the learning rate, or set divergence_action='stop' "
+                          "to stop at the last checkpoint", DivergenceWarning, stacklevel=2)
+
+
+def _se(log_sum: float, log_sum_sq: float, count: int) -> float:
+    """Delta-method se of log mean w, sqrt(1/ESS − 1/n), from log Σw, log Σw² and n."""
+    if count == 0 or not math.isfinite(log_sum):
+        return math.inf
+    return math.sqrt(max(math.exp(log_sum_sq - 2 * log_sum) - 1 / count, 0.0))
