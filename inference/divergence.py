@@ -10,11 +10,19 @@ read from what a step already computes (its draws y ~ q and their weights w = P(
     the target's KL(p‖a). KL(p‖a) = E_p[log P − log a] − log Z (SPEC §1) is estimated from
     every weight drawn so far, pooled: E_p[log φ] (φ = P/a, the potential) by self-normalised
     IS with the pooled weights, minus log Ẑ, the pooled mean weight (DPG's running Ẑ). The
-    policy that solves the target sits at KL(π‖a) = KL(p‖a); one far past it has left p;
-(c) **log Ẑ drift** (DPG): the step's estimate log mean w differs from the running log Ẑ of
-    the steps before by more than ``divergence_log_z_se`` standard errors (the two delta-method
-    se's, sqrt(1/ESS − 1/n) each, combined): every step's mean weight estimates the same Z, so
-    a drift means the policy's draws no longer see the target's mass.
+    policy that solves the target sits at KL(π‖a) = KL(p‖a); one far past it has left p
+    (the estimate is floored at ``MIN_KL_TARGET_PRIOR``);
+(c) **log Ẑ drift**: the step's estimate log mean w differs from the running log Ẑ of the
+    steps before (DPG's running Ẑ; KL-RL's, pooled the same way from its on-policy weights) by
+    more than ``divergence_log_z_se`` standard errors (the two delta-method se's,
+    sqrt(1/ESS − 1/n) each, combined) for ``divergence_patience`` consecutive checks: every
+    step's mean weight estimates the same Z, so a lasting drift means the policy's draws no
+    longer see the target's mass (the se of heavy-tailed weights is underestimated now and
+    then, so one step past it is no signal).
+
+A policy collapsed onto a few sequences that satisfy the target has equal weights P/π (ESS
+fraction 1) and, once its draws dominate the pool, a KL(p‖a) estimate near its own KL(π‖a):
+(a) and (b) then miss it; (c) and (b) see the onset, which is when the warning is raised.
 
 ``divergence_action``: "warn" raises a `DivergenceWarning` once per signal, naming the step and
 the signal's value; "stop" raises a `TrainingError` naming them and the last checkpoint kept
@@ -35,6 +43,10 @@ import torch
 from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError, require_positive
 
 ACTIONS = ("warn", "stop", "off")
+# Signal (b) divides by max(KL̂(p‖a), this): below it the pooled estimate is noise at batches of
+# tens (and ≤ 0 after a wild step's huge weight), and a policy within divergence_kl_multiple ×
+# 0.1 nats of its prior has not run away.
+MIN_KL_TARGET_PRIOR = 0.1
 
 
 @dataclass
@@ -48,9 +60,9 @@ class DivergenceOptions:
 
     divergence_action: str = "warn"  # "warn", "stop" (TrainingError at the last checkpoint), "off"
     divergence_ess_fraction: float = 0.01  # (a): ESS/n below this ...
-    divergence_patience: int = 10  # ... for this many consecutive checks
-    divergence_kl_multiple: float = 10.0  # (b): KL(π‖a) above this × the estimated KL(p‖a)
-    divergence_log_z_se: float = 8.0  # (c), DPG: step log Ẑ this many se from the running one
+    divergence_patience: int = 5  # (a), (c): for this many consecutive checks
+    divergence_kl_multiple: float = 5.0  # (b): KL(π‖a) above this × the estimated KL(p‖a)
+    divergence_log_z_se: float = 8.0  # (c): the step's log Ẑ this many se from the running one
 
     def check_divergence_options(self) -> None:
         if self.divergence_action not in ACTIONS:
@@ -99,11 +111,12 @@ class PooledWeights:
 
 @dataclass
 class DivergenceState:
-    """What the monitor checkpoints: the pooled weights per context, the current run of low-ESS
-    checks, and the signals already reported (each is reported once)."""
+    """What the monitor checkpoints: the pooled weights per context, the current runs of low-ESS
+    and high-drift checks, and the signals already reported (each is reported once)."""
 
     pooled: dict[str, PooledWeights] = field(default_factory=dict)
     low_ess_checks: int = 0
+    high_drift_checks: int = 0
     reported: list[str] = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -112,6 +125,7 @@ class DivergenceState:
     def load_state_dict(self, state: dict) -> None:
         self.pooled = {k: PooledWeights(**v) for k, v in state["pooled"].items()}
         self.low_ess_checks, self.reported = state["low_ess_checks"], list(state["reported"])
+        self.high_drift_checks = state["high_drift_checks"]
 
 
 class DivergenceMonitor:
@@ -119,18 +133,17 @@ class DivergenceMonitor:
     stops when one passes its threshold. ``last_checkpoint`` says where a stopped run resumes."""
 
     def __init__(self, options: DivergenceOptions, engine: str, state: DivergenceState,
-                 last_checkpoint: Callable[[], str], log_z_drift: bool) -> None:
+                 last_checkpoint: Callable[[], str]) -> None:
         self.options = options
         self.engine = engine
         self.state = state
         self.last_checkpoint = last_checkpoint
-        self.log_z_drift = log_z_drift
 
     def signals(self, key: str, log_w: torch.Tensor, log_potential: torch.Tensor,
                 kl_policy_prior: float) -> dict[str, float]:
         """One context's signals at this step (and its weights pooled for the next steps):
         ``ess_fraction``, ``kl_target_prior`` (pooled estimate), ``kl_policy_prior_multiple``
-        (KL(π‖a) / KL(p‖a)) and, for DPG, ``log_z_drift_se``."""
+        (KL(π‖a) / KL(p‖a)) and ``log_z_drift_se``."""
         if self.options.divergence_action == "off":
             return {}
         pooled = self.state.pooled.setdefault(key, PooledWeights())
@@ -145,9 +158,9 @@ class DivergenceMonitor:
         out = {"ess_fraction": math.exp(2 * log_sum - log_sum_sq) / n}
         kl_target_prior = pooled.mean_log_potential - pooled.log_z()
         out["kl_target_prior"] = kl_target_prior
-        if kl_target_prior > 0:
-            out["kl_policy_prior_multiple"] = kl_policy_prior / kl_target_prior
-        if self.log_z_drift and math.isfinite(before_log_z):
+        out["kl_policy_prior_multiple"] = kl_policy_prior / max(kl_target_prior,
+                                                                MIN_KL_TARGET_PRIOR)
+        if math.isfinite(before_log_z):
             se = math.hypot(_se(log_sum, log_sum_sq, n), before_se)
             drift = (log_sum - math.log(n)) - before_log_z
             out["log_z_drift_se"] = abs(drift) / se if se > 0 else (0.0 if drift == 0 else math.inf)
@@ -176,10 +189,13 @@ class DivergenceMonitor:
                          f"estimated KL(p‖a), past divergence_kl_multiple="
                          f"{options.divergence_kl_multiple}")
         drift = worst.get("log_z_drift_se", 0.0)
-        if drift > options.divergence_log_z_se:
-            self._report(step, "log_z", f"the step's log Ẑ is {drift:.3g} standard errors from "
-                         f"the running log Ẑ, past divergence_log_z_se="
-                         f"{options.divergence_log_z_se}")
+        high = drift > options.divergence_log_z_se
+        self.state.high_drift_checks = self.state.high_drift_checks + 1 if high else 0
+        if self.state.high_drift_checks >= options.divergence_patience:
+            self._report(step, "log_z", f"the step's log Ẑ has been more than "
+                         f"divergence_log_z_se={options.divergence_log_z_se} standard errors from "
+                         f"the running log Ẑ for {self.state.high_drift_checks} consecutive steps "
+                         f"(now {drift:.3g})")
         return {f"monitor_{k}": v for k, v in worst.items()}
 
     def _report(self, step: int, signal: str, what: str) -> None:

@@ -166,8 +166,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
             if self.off_policy else None
         state = DPGState(contexts_digest(contexts), -1.0 if self.divergence == "kl" else 0.0, proposal)
         trainer = Trainer(self, policy, name, {"dpg": state})
-        monitor = DivergenceMonitor(self, name, state.divergence, trainer.last_checkpoint_note,
-                                    log_z_drift=True)
+        monitor = DivergenceMonitor(self, name, state.divergence, trainer.last_checkpoint_note)
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
             chosen = pick_contexts(contexts, self.contexts_per_step)

@@ -188,8 +188,7 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
         contexts, policy = self.contexts_and_policy(target, context, contexts)
         state = KLRLState(contexts_digest(contexts), self.kl_scale)
         trainer = Trainer(self, policy, self.name, {"klrl": state})
-        monitor = DivergenceMonitor(self, self.name, state.divergence, trainer.last_checkpoint_note,
-                                    log_z_drift=False)
+        monitor = DivergenceMonitor(self, self.name, state.divergence, trainer.last_checkpoint_note)
         updates_per_rollout = self.ppo_epochs * self.ppo_minibatches
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
