@@ -87,6 +87,11 @@ class PooledWeights:
     log_sum_sq: float = -math.inf
     count: int = 0
     mean_log_potential: float = 0.0
+    kl_policy_prior: float = 0.0  # the latest step's estimate of KL(π_c‖a_c)
+
+    def kl_target_prior(self) -> float:
+        """KL(p‖a) = E_p log φ − log Z by the pooled weights, floored at MIN_KL_TARGET_PRIOR."""
+        return max(self.mean_log_potential - self.log_z(), MIN_KL_TARGET_PRIOR)
 
     def log_z(self) -> float:
         return self.log_sum - math.log(self.count) if self.count else -math.inf
@@ -142,8 +147,7 @@ class DivergenceMonitor:
     def signals(self, key: str, log_w: torch.Tensor, log_potential: torch.Tensor,
                 kl_policy_prior: float) -> dict[str, float]:
         """One context's signals at this step (and its weights pooled for the next steps):
-        ``ess_fraction``, ``kl_target_prior`` (pooled estimate), ``kl_policy_prior_multiple``
-        (KL(π‖a) / KL(p‖a)) and ``log_z_drift_se``."""
+        ``ess_fraction`` and ``log_z_drift_se``; KL(π_c‖a_c) is kept for `check`."""
         if self.options.divergence_action == "off":
             return {}
         pooled = self.state.pooled.setdefault(key, PooledWeights())
@@ -155,11 +159,8 @@ class DivergenceMonitor:
             return {"ess_fraction": 0.0}
         log_sum = float(torch.logsumexp(log_w[finite], 0))
         log_sum_sq = float(torch.logsumexp(2 * log_w[finite], 0))
+        pooled.kl_policy_prior = kl_policy_prior
         out = {"ess_fraction": math.exp(2 * log_sum - log_sum_sq) / n}
-        kl_target_prior = pooled.mean_log_potential - pooled.log_z()
-        out["kl_target_prior"] = kl_target_prior
-        out["kl_policy_prior_multiple"] = kl_policy_prior / max(kl_target_prior,
-                                                                MIN_KL_TARGET_PRIOR)
         if math.isfinite(before_log_z):
             se = math.hypot(_se(log_sum, log_sum_sq, n), before_se)
             drift = (log_sum - math.log(n)) - before_log_z
@@ -167,15 +168,21 @@ class DivergenceMonitor:
         return out
 
     def check(self, step: int, rows: list[dict[str, float]]) -> dict[str, float]:
-        """The step's worst signal over its contexts (for the history), checked."""
+        """The step's signals over its contexts (for the history), checked: the lowest ESS
+        fraction, the largest drift, and E_c KL(π_c‖a_c) / E_c KL(p_c‖a_c) over every context
+        seen so far, each at its latest estimate — context averages, as CDPG's objective is,
+        since one context's KL(p_c‖a_c) may be tiny and a shared policy far from its a_c."""
         options = self.options
         if options.divergence_action == "off" or not rows:
             return {}
         worst = {"ess_fraction": min(r["ess_fraction"] for r in rows)}
-        for name in ("kl_policy_prior_multiple", "log_z_drift_se"):
-            values = [r[name] for r in rows if name in r]
-            if values:
-                worst[name] = max(values)
+        rated = [p for p in self.state.pooled.values() if math.isfinite(p.log_z())]
+        if rated:
+            worst["kl_policy_prior_multiple"] = (sum(p.kl_policy_prior for p in rated)
+                                                 / sum(p.kl_target_prior() for p in rated))
+        drifts = [r["log_z_drift_se"] for r in rows if "log_z_drift_se" in r]
+        if drifts:
+            worst["log_z_drift_se"] = max(drifts)
         low = worst["ess_fraction"] < options.divergence_ess_fraction
         self.state.low_ess_checks = self.state.low_ess_checks + 1 if low else 0
         if self.state.low_ess_checks >= options.divergence_patience:

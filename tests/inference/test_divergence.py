@@ -119,7 +119,7 @@ def test_ppo_refuses_token_normalisation():
 
 
 def test_the_monitor_state_round_trips_and_an_old_state_is_refused():
-    state = DivergenceState({"None": PooledWeights(0.5, 0.25, 7, -0.3)}, 2, 3, ["log_z"])
+    state = DivergenceState({"None": PooledWeights(0.5, 0.25, 7, -0.3, 1.5)}, 2, 3, ["log_z"])
     again = DivergenceState()
     again.load_state_dict(state.state_dict())
     assert again == state
