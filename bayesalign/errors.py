@@ -53,6 +53,11 @@ class TrainingError(BayesAlignError, RuntimeError):
     """Training stopped (NaN loss, no usable weights); the last checkpoint is kept."""
 
 
+class DivergenceWarning(UserWarning):
+    """A policy engine's training looks like it diverges (ESS collapse, KL(π‖a) runaway, log Ẑ
+    drift); the message names the step and the signal."""
+
+
 def require_positive(name: str, value: float) -> None:
     """Refuse an option that must be > 0, naming it."""
     if not value > 0:

@@ -8,6 +8,13 @@ The update for samples x ∼ q, with t = π/p and p = P/Ẑ (Go et al. 2023):
 
 For forward KL, f'(t) = −p/π, so the loss is −mean (P/(Ẑ q)) log π (gdc's DPG), and the baseline
 b = E_π f' = −1 gives the advantage P/(Ẑ q) − π/q of DPG with baseline.
+
+``loss_normalisation``: "sequence" (the default) is the loss above, whose gradient is the
+unbiased estimate of ∇D_f; "token" divides each sequence's log π_θ by its number of tokens, as
+LM losses average per token: long sequences then no longer dominate the step (the gradient's
+scale stops growing with length), at the price of a gradient that is no longer the objective's
+when lengths differ (its fixed point need not be p). With equal lengths it is the "sequence"
+loss divided by the length, i.e. a smaller learning rate. Divergence detection: `divergence`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from bayesalign.posterior import Posterior
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 
+from .divergence import DivergenceMonitor, DivergenceOptions, DivergenceState
 from .policy import (
     PolicyEngineConfig,
     ScoredBatch,
@@ -38,6 +46,7 @@ from .policy import (
 )
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
+LOSS_NORMALISATIONS = ("sequence", "token")
 MAX_LOG_RATIO = 50.0
 
 
@@ -77,13 +86,15 @@ class Proposal:
 @dataclass
 class DPGState:
     """What a DPG run checkpoints besides the policy: which contexts it trains on, the running
-    log Ẑ_c, the f-DPG baseline b and the off-policy proposal (None on-policy)."""
+    log Ẑ_c, the f-DPG baseline b, the off-policy proposal (None on-policy) and the divergence
+    monitor's state."""
 
     contexts: str  # `contexts_digest` of the training contexts
     baseline: float  # b of §2.3: E_π f' = −1 for forward KL; a running mean of f' otherwise
     proposal: Proposal | None
     log_sum: dict[str, float] = field(default_factory=dict)  # per context: log Σ of all weights
     count: dict[str, int] = field(default_factory=dict)  # per context: how many weights
+    divergence: DivergenceState = field(default_factory=DivergenceState)
 
     def update_log_z(self, key: str, log_w: torch.Tensor) -> float:
         """Pool a batch's weights into the running mean Ẑ_c over all steps (§2.2)."""
@@ -101,10 +112,15 @@ class DPGState:
         copy = proposal.copy.module.state_dict() if proposal and proposal.copy else None
         return {"contexts": self.contexts, "baseline": self.baseline, "log_sum": dict(self.log_sum),
                 "count": dict(self.count), "swaps": proposal.swaps if proposal else 0,
-                "proposal": copy}
+                "proposal": copy, "divergence": self.divergence.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         require_same_contexts(state["contexts"], self.contexts)
+        if "divergence" not in state:
+            raise ConfigError("the checkpoint's DPG state has no divergence monitor (it was "
+                              "written by an older version of this engine); use a new "
+                              "checkpoint_dir")
+        self.divergence.load_state_dict(state["divergence"])
         self.baseline, self.log_sum, self.count = state["baseline"], state["log_sum"], state["count"]
         if self.proposal is not None:
             if state["proposal"] is not None:
@@ -114,11 +130,11 @@ class DPGState:
 
 
 @dataclass
-class DPG(PolicyEngineConfig):
+class DPG(PolicyEngineConfig, DivergenceOptions):
     """DPG and its family; a conditional target fitted over several ``contexts`` gives CDPG."""
 
-    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*PolicyEngineConfig.RESUMABLE_CHANGES,
-                                                     "proposal")
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
+        *PolicyEngineConfig.RESUMABLE_CHANGES, "proposal", *DivergenceOptions.RESUMABLE_CHANGES)
 
     divergence: str = "kl"  # f-divergence D_f(π‖p): kl (= forward KL(p‖π)), reverse_kl, tv, js
     baseline: bool = False  # forward KL: the exact Ẑ baseline; others: running mean of f'
@@ -127,6 +143,7 @@ class DPG(PolicyEngineConfig):
     proposal_update_interval: int = 16  # steps between KL checks for the proposal swap
     proposal_update_samples: int = 512  # fresh draws from q for each KL check
     per_context_z: bool = True  # CDPG's Ẑ_c; False is the single-global-Z ablation
+    loss_normalisation: str = "sequence"  # "sequence": weight·log π; "token": log π / length
     name: str = field(init=False, default="DPG")
 
     def __post_init__(self) -> None:
@@ -134,6 +151,10 @@ class DPG(PolicyEngineConfig):
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         require_positive("proposal_update_interval", self.proposal_update_interval)
+        if self.loss_normalisation not in LOSS_NORMALISATIONS:
+            raise ConfigError(f"loss_normalisation must be one of {LOSS_NORMALISATIONS}, "
+                              f"got {self.loss_normalisation!r}")
+        self.check_divergence_options()
         if self.contexts is not None:
             self.name = "CDPG"
 
@@ -145,21 +166,27 @@ class DPG(PolicyEngineConfig):
             if self.off_policy else None
         state = DPGState(contexts_digest(contexts), -1.0 if self.divergence == "kl" else 0.0, proposal)
         trainer = Trainer(self, policy, name, {"dpg": state})
+        monitor = DivergenceMonitor(self, name, state.divergence, trainer.last_checkpoint_note)
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
             chosen = pick_contexts(contexts, self.contexts_per_step)
-            losses, metrics = [], []
+            losses, metrics, signals = [], [], []
             for c in chosen:
                 conditional = policy.given(c)
                 q = conditional if proposal is None else proposal.current().given(c)
                 batch = score_batch(target, q, max(1, self.batch_size // len(chosen)), c)
-                log_z = self._update_log_z(state, trainer.gather(batch.log_w), batch, step_index,
+                log_w = trainer.gather(batch.log_w)
+                log_z = self._update_log_z(state, log_w, batch, step_index,
                                            several=len(contexts) > 1)
                 loss, info = self._loss(conditional, batch, log_z, state)
                 losses.append(loss)
                 metrics.append(info)
+                signals.append(monitor.signals(
+                    str(batch.context), log_w,
+                    trainer.gather(batch.log_score - batch.log_prior), info["kl_policy_prior"]))
+            checked = monitor.check(step_index, signals)
             swap = self._proposal_schedule(target, proposal, policy, chosen[0], step_index)
-            return torch.stack(losses).mean(), {**mean_metrics(metrics), **swap}
+            return torch.stack(losses).mean(), {**mean_metrics(metrics), **swap, **checked}
 
         history = trainer.run(step)
         running = {f"running_log_z[{key}]": state.log_z(key) for key in state.count}
@@ -190,6 +217,9 @@ class DPG(PolicyEngineConfig):
         """f-DPG's loss mean (π/q)(f'(π/p) − b) log π (§2.3, Go et al. 2023) and its metrics."""
         log_pi = policy.token_log_probs(batch.y).sum(-1)
         log_pi_detached = log_pi.detach().double()
+        # The weights need the sequence's log π; "token" normalises only the term differentiated.
+        scored = log_pi if self.loss_normalisation == "sequence" \
+            else log_pi / batch.y.lengths.to(log_pi.device).clamp(min=1)
         pi_over_q = torch.exp(log_pi_detached - batch.log_q)
         grad_weight = f_prime(self.divergence, log_pi_detached - (batch.log_score - log_z))
         if self.baseline:
@@ -199,7 +229,7 @@ class DPG(PolicyEngineConfig):
             grad_weight = grad_weight - state.baseline
         # Samples outside the target's support (P = 0) keep their term: with a baseline they
         # are pushed down, which is how π learns to put no mass there.
-        loss = ((pi_over_q * grad_weight).to(log_pi.dtype) * log_pi).mean()
+        loss = ((pi_over_q * grad_weight).to(log_pi.dtype) * scored).mean()
         return loss, _metrics(batch, log_z, log_pi_detached, pi_over_q)
 
     def _proposal_schedule(self, target: Target, proposal: Proposal | None,

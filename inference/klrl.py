@@ -10,6 +10,12 @@ Where it goes matters for the gradient of KL(π‖a):
 - k1 or k3 in the loss, and k2 or k3 in the reward, are biased (a warning says so).
 A hard constraint (log L = −inf) is given the finite ``constraint_penalty``: the objective is
 then the target with L clipped at e^penalty on violating sequences.
+
+``loss_normalisation`` (REINFORCE, RLOO): "sequence" (the default) is the score-function loss
+−mean A·log π_θ(y), the unbiased gradient of the objective; "token" divides each sequence's
+log π_θ by its number of tokens, so that long sequences do not dominate the step, at the price
+of a gradient that is no longer the objective's when lengths differ. PPO's clipped surrogate
+is a per-token mean over each sequence already. Divergence detection: `divergence`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,6 +34,7 @@ from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 
+from .divergence import DivergenceMonitor, DivergenceOptions, DivergenceState
 from .policy import (
     PolicyEngineConfig,
     ScoredBatch,
@@ -41,6 +48,7 @@ from .policy import (
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 UNBIASED = {("k1", "reward"), ("k2", "loss")}
+LOSS_NORMALISATIONS = ("sequence", "token")
 
 
 def kl_estimate(estimator: str, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -90,12 +98,14 @@ class PPORollout:
 @dataclass
 class KLRLState:
     """What a KL-RL run checkpoints besides the policy: which contexts it trains on, the KL
-    multiplier c, REINFORCE's reward baseline and the PPO rollout (None before the first)."""
+    multiplier c, REINFORCE's reward baseline, the PPO rollout (None before the first) and the
+    divergence monitor's state."""
 
     contexts: str  # `contexts_digest` of the training contexts
     kl_scale: float
     reward_baseline: float = 0.0
     rollout: PPORollout | None = None
+    divergence: DivergenceState = field(default_factory=DivergenceState)
 
     def reinforce_advantage(self, reward: torch.Tensor) -> torch.Tensor:
         """R − b with b a moving average of past mean rewards (§3.2), then b is updated."""
@@ -112,6 +122,11 @@ class KLRLState:
 
     def load_state_dict(self, state: dict) -> None:
         require_same_contexts(state["contexts"], self.contexts)
+        if "divergence" not in state:
+            raise ConfigError("the checkpoint's KLRL state has no divergence monitor (it was "
+                              "written by an older version of this engine); use a new "
+                              "checkpoint_dir")
+        self.divergence.load_state_dict(state["divergence"])
         rollout = state["rollout"]
         self.kl_scale, self.reward_baseline = state["kl_scale"], state["reward_baseline"]
         self.rollout = None if rollout is None else PPORollout(
@@ -119,9 +134,12 @@ class KLRLState:
 
 
 @dataclass
-class KLRL(PolicyEngineConfig):
+class KLRL(PolicyEngineConfig, DivergenceOptions):
     """REINFORCE, RLOO or PPO on the KL-penalised reward of a declared target (RLOO groups
     samples by context)."""
+
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*PolicyEngineConfig.RESUMABLE_CHANGES,
+                                                     *DivergenceOptions.RESUMABLE_CHANGES)
 
     algorithm: str = "rloo"  # reinforce (moving-average baseline) | rloo | ppo (RLOO advantages)
     kl_estimator: str = "k1"  # k1 | k2 | k3
@@ -133,6 +151,7 @@ class KLRL(PolicyEngineConfig):
     ppo_minibatches: int = 1  # PPO: minibatches per pass (one optimizer step each)
     ppo_clip: float = 0.2  # PPO: ε of the clipped ratio
     constraint_penalty: float = -30.0  # log L given to sequences violating a hard constraint
+    loss_normalisation: str = "sequence"  # reinforce/rloo: A·log π ("sequence"), or / length
     name: str = field(init=False, default="KLRL")
 
     def __post_init__(self) -> None:
@@ -148,6 +167,13 @@ class KLRL(PolicyEngineConfig):
             require_positive("target_kl", self.target_kl)
         require_positive("ppo_epochs", self.ppo_epochs)
         require_positive("ppo_minibatches", self.ppo_minibatches)
+        if self.loss_normalisation not in LOSS_NORMALISATIONS:
+            raise ConfigError(f"loss_normalisation must be one of {LOSS_NORMALISATIONS}, "
+                              f"got {self.loss_normalisation!r}")
+        if self.loss_normalisation == "token" and self.algorithm == "ppo":
+            raise ConfigError("loss_normalisation='token' is for reinforce and rloo: PPO's "
+                              "clipped surrogate is already a per-token mean over each sequence")
+        self.check_divergence_options()
         if self.batch_size < 2 and self.algorithm != "reinforce":
             raise ConfigError("RLOO and PPO need batch_size >= 2 (a leave-one-out baseline)")
         if (self.kl_estimator, self.kl_placement) not in UNBIASED:
@@ -162,13 +188,15 @@ class KLRL(PolicyEngineConfig):
         contexts, policy = self.contexts_and_policy(target, context, contexts)
         state = KLRLState(contexts_digest(contexts), self.kl_scale)
         trainer = Trainer(self, policy, self.name, {"klrl": state})
+        monitor = DivergenceMonitor(self, self.name, state.divergence, trainer.last_checkpoint_note)
         updates_per_rollout = self.ppo_epochs * self.ppo_minibatches
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
             if self.algorithm != "ppo":
-                return self._policy_gradient_step(target, policy, contexts, state)
+                return self._policy_gradient_step(target, policy, contexts, state, monitor,
+                                                  step_index)
             if step_index % updates_per_rollout == 0 or state.rollout is None:
-                state.rollout = self._rollout(target, policy, contexts, state)
+                state.rollout = self._rollout(target, policy, contexts, state, monitor, step_index)
             return self._ppo_step(policy, state.rollout, step_index % updates_per_rollout)
 
         history = trainer.run(step)
@@ -193,10 +221,11 @@ class KLRL(PolicyEngineConfig):
         return log_potential.masked_fill(violated, self.constraint_penalty), float(
             violated.float().mean())
 
-    def _policy_gradient_step(self, target: Target, policy: SequenceDistribution, contexts: list[Any],
-                              state: KLRLState) -> tuple[torch.Tensor, dict[str, float]]:
+    def _policy_gradient_step(self, target: Target, policy: SequenceDistribution,
+                              contexts: list[Any], state: KLRLState, monitor: DivergenceMonitor,
+                              step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
         """REINFORCE or RLOO on R = log L − c·k (§3.2), k in the reward or in the loss."""
-        losses, rows = [], []
+        losses, rows, signals = [], [], []
         c = state.kl_scale
         for conditional, batch in self._scored_groups(target, policy, contexts):
             log_pi = conditional.token_log_probs(batch.y).sum(-1)
@@ -206,14 +235,18 @@ class KLRL(PolicyEngineConfig):
                 if self.kl_placement == "reward" else task
             advantage = rloo_advantage(reward) if self.algorithm == "rloo" \
                 else state.reinforce_advantage(reward)
-            loss = -(advantage.to(log_pi.dtype) * log_pi).mean()
+            scored = log_pi if self.loss_normalisation == "sequence" \
+                else log_pi / batch.y.lengths.to(log_pi.device).clamp(min=1)
+            loss = -(advantage.to(log_pi.dtype) * scored).mean()
             if self.kl_placement == "loss":
                 grad_ratio = log_pi - batch.log_prior.to(log_pi.dtype)
                 loss = loss + c * kl_estimate(self.kl_estimator, grad_ratio).mean()
             losses.append(loss)
             rows.append(_metrics(task, log_ratio, violated, c))
+            signals.append(_signals(monitor, batch, rows[-1]))
         self._adapt(state, rows)
-        return torch.stack(losses).mean(), mean_metrics(rows)
+        return torch.stack(losses).mean(), {**mean_metrics(rows),
+                                            **monitor.check(step_index, signals)}
 
     def _adapt(self, state: KLRLState, rows: list[dict[str, float]]) -> None:
         """Adapt c to the step's KL(π‖a) when ``target_kl`` is set."""
@@ -222,9 +255,10 @@ class KLRL(PolicyEngineConfig):
             state.adapt_kl_scale(kl, self.target_kl, self.adaptive_kl_gain)
 
     def _rollout(self, target: Target, policy: SequenceDistribution, contexts: list[Any],
-                 state: KLRLState) -> PPORollout:
-        """One PPO rollout: samples, old per-token log-probs and RLOO advantages (k1 reward)."""
-        groups, rows = [], []
+                 state: KLRLState, monitor: DivergenceMonitor, step_index: int) -> PPORollout:
+        """One PPO rollout: samples, old per-token log-probs and RLOO advantages (k1 reward);
+        the divergence signals are checked once per rollout."""
+        groups, rows, signals = [], [], []
         for conditional, batch in self._scored_groups(target, policy, contexts):
             with torch.no_grad():
                 old = conditional.token_log_probs(batch.y).double()
@@ -234,8 +268,9 @@ class KLRL(PolicyEngineConfig):
             groups.append(RolloutGroup(batch.y.tokens, batch.y.mask, batch.y.context,
                                        batch.context, old, rloo_advantage(reward)))
             rows.append(_metrics(task, log_ratio, violated, state.kl_scale))
+            signals.append(_signals(monitor, batch, rows[-1]))
         self._adapt(state, rows)
-        return PPORollout(groups, mean_metrics(rows))
+        return PPORollout(groups, {**mean_metrics(rows), **monitor.check(step_index, signals)})
 
     def _ppo_step(self, policy: SequenceDistribution, rollout: PPORollout, update_index: int
                   ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -254,6 +289,13 @@ class KLRL(PolicyEngineConfig):
                 y.mask.to(new.device), self.ppo_clip)
             losses.append(-per_sequence.mean())
         return torch.stack(losses).mean(), {**rollout.metrics, "ppo_update": float(update_index)}
+
+
+def _signals(monitor: DivergenceMonitor, batch: ScoredBatch,
+             metrics: dict[str, float]) -> dict[str, float]:
+    """The divergence signals of one context's on-policy draws (weights P/π)."""
+    return monitor.signals(str(batch.context), batch.log_w, batch.log_score - batch.log_prior,
+                           metrics["kl_policy_prior"])
 
 
 def _metrics(task: torch.Tensor, log_ratio: torch.Tensor, violated: float,

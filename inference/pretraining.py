@@ -43,7 +43,7 @@ from bayesalign.evaluation import evaluate
 from bayesalign.models.adaptors import BanTokens
 from bayesalign.models.causal_lm import CausalLM
 from bayesalign.models.corpus_prior import Corpus
-from bayesalign.models.pretraining.presets import PRESETS, learning_rate_at
+from bayesalign.models.pretraining.presets import PRESETS
 from bayesalign.models.tiny import tiny_gpt2
 from bayesalign.options import renamed_options
 from bayesalign.posterior import Posterior
@@ -90,8 +90,6 @@ class Pretraining(TrainingConfig):
     score_cache: str | None = None  # SQLite file of segment scores; None: data_dir/scores.sqlite
     scorer_id: str | None = None  # cache key of the factors; None: a digest of the target's code
     score_batch_size: int = 256  # segments per call of the factor sites (about)
-    warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps
-    lr_decay_steps: int | None = None  # cosine decay to 10% by this step; None: constant
     eval_every: int | None = None  # steps between held-out losses, measured on the held-out
     # split of a corpus with split="train" (and at the end); None: none
     eval_blocks: int = 64  # held-out blocks per evaluation
@@ -133,11 +131,6 @@ class Pretraining(TrainingConfig):
             require_positive(name, getattr(self, name))
         if self.eval_every is not None:
             require_positive("eval_every", self.eval_every)
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
-            raise ConfigError(f"lr_decay_steps ({self.lr_decay_steps}) must exceed "
-                              f"warmup_steps ({self.warmup_steps})")
 
     def fit(self, target: Target, context: Any = NO_CONTEXT, *,
             contexts: list | None = None) -> Posterior:
@@ -172,7 +165,6 @@ class Pretraining(TrainingConfig):
                           f"Pretraining[{self.objective}]", supports_sharding=True,
                           separately_called=() if value_head is None else (value_head,))
         run = {"sharding": trainer.parallelism, "device": str(trainer.device)}
-        peaks = [group["lr"] for group in trainer.optimizer.param_groups]
         blocks = data.blocks(self.block_size, self.seed)
         heldout = data.heldout_blocks(self.block_size)
         eval_set = None if heldout is None else heldout.evenly_spaced(self.eval_blocks)
@@ -181,10 +173,7 @@ class Pretraining(TrainingConfig):
 
         def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
             micro = trainer.micro_step
-            rate = learning_rate_at(step, 1.0, self.warmup_steps, self.lr_decay_steps)
-            for group, peak in zip(trainer.optimizer.param_groups, peaks):
-                group["lr"] = peak * rate
-            metrics = {"learning_rate": peaks[0] * rate}
+            metrics = {}  # the Trainer applies warmup_steps / lr_decay_steps and logs the rate
             if eval_set is not None and step % self.eval_every == 0 and micro == 0:
                 # The weights before this step's update.
                 metrics["heldout_loss"] = _heldout_loss(model, eval_set, self.batch_size,

@@ -15,6 +15,7 @@ says so.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -67,6 +68,8 @@ class TrainingConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # seeds torch per process (different samples on each rank)
     progress: bool = True  # progress bar on interactive terminals
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps
+    lr_decay_steps: int | None = None  # cosine decay to 10% by this step; None: constant
 
     def __post_init__(self) -> None:
         require_positive("steps", self.steps)
@@ -80,6 +83,22 @@ class TrainingConfig:
             raise ConfigError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
+            raise ConfigError(f"lr_decay_steps ({self.lr_decay_steps}) must exceed "
+                              f"warmup_steps ({self.warmup_steps})")
+
+
+def learning_rate_at(step: int, peak: float, warmup_steps: int,
+                     lr_decay_steps: int | None) -> float:
+    """Linear warm-up, then constant (a run can be extended) or cosine decay to 10%."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if lr_decay_steps is None:
+        return peak
+    progress = min(1.0, (step - warmup_steps) / (lr_decay_steps - warmup_steps))
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
@@ -97,6 +116,9 @@ class Trainer:
     steps only run the module's forward on data (pretraining) pass ``supports_sharding``, and
     name in ``separately_called`` any submodule they call outside that forward (a value head).
     After `run`, ``module`` is the trained module, unsharded, on every process.
+
+    The learning-rate schedule (``warmup_steps``, ``lr_decay_steps``) is applied here, to every
+    param group before each optimizer step, and recorded as the history's ``learning_rate``.
     """
 
     def __init__(
@@ -121,6 +143,7 @@ class Trainer:
             config.learning_rate or learning_rate, config.max_grad_norm, config.batch_size,
             config.gradient_accumulation_steps, config.mixed_precision, supports_sharding,
             separately_called)
+        self.peak_learning_rates = [group["lr"] for group in self.optimizer.param_groups]
         self.history: list[dict[str, float]] = []
         self.start_step = 0
         self.micro_step = 0
@@ -178,6 +201,7 @@ class Trainer:
         """Every micro-batch's forward and backward, then one update of the weights."""
         accumulation = self.config.gradient_accumulation_steps
         rows: list[dict[str, float]] = []
+        learning_rate = self._schedule(step)
         self.strategy.begin_step()
         for self.micro_step in range(accumulation):
             with self.strategy.micro_batch(self.micro_step, accumulation):
@@ -185,7 +209,7 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{self.engine}: loss is {loss.item()} at step {step}; training stopped. "
-                    f"{self._last_checkpoint_note()}"
+                    f"{self.last_checkpoint_note()}"
                 )
             self.strategy.backward(loss, accumulation)
             rows.append({"loss": float(loss.detach()), **metrics})
@@ -194,8 +218,16 @@ class Trainer:
         # The loss of the global batch, not of this process' share: the curve the history
         # records is then the same for any number of processes. Memory: the busiest process.
         row["loss"], row["peak_memory_mb"] = self._across_processes(row["loss"], _peak_memory_mb())
+        row["learning_rate"] = learning_rate
         row["step"] = step
         return row
+
+    def _schedule(self, step: int) -> float:
+        """Set every param group's rate for ``step``; the first group's, for the history."""
+        rate = learning_rate_at(step, 1.0, self.config.warmup_steps, self.config.lr_decay_steps)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_learning_rates):
+            group["lr"] = peak * rate
+        return self.peak_learning_rates[0] * rate
 
     def _add_rates(self, row: dict[str, float], seconds: float, run_started: float,
                    step: int) -> None:
@@ -217,7 +249,8 @@ class Trainer:
         gathered = self.accelerator.gather(tensor)
         return float(gathered[:, 0].mean()), float(gathered[:, 1].max())
 
-    def _last_checkpoint_note(self) -> str:
+    def last_checkpoint_note(self) -> str:
+        """Where a stopped run resumes from (for the messages of errors that stop training)."""
         latest = self._checkpoints()[-1:] if self.config.checkpoint_dir else []
         return f"Last checkpoint kept: {latest[0]}" if latest else "No checkpoint was written."
 

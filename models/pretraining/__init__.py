@@ -4,7 +4,7 @@ and the model card. The training itself is the `Pretraining` engine (``bayesalig
 """
 
 from ..corpus_source import copy_stdlib_slice, find_corpus, python_segments, stdlib_files
-from .presets import PRESETS, Preset, learning_rate_at
+from .presets import PRESETS, Preset
 from .tokens import Blocks
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "Preset",
     "copy_stdlib_slice",
     "find_corpus",
-    "learning_rate_at",
     "python_segments",
     "stdlib_files",
 ]

@@ -1,4 +1,5 @@
-"""Model sizes for pretraining from scratch, and the learning-rate schedule they are trained with.
+"""Model sizes for pretraining from scratch (the learning-rate schedule is the Trainer's:
+`bayesalign.training.trainer.learning_rate_at`).
 
 Shared by the `Pretraining` engine and ``bayesalign pretrain`` (which is that engine), so a
 preset means one model everywhere.
@@ -6,7 +7,6 @@ preset means one model everywhere.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -32,13 +32,3 @@ PRESETS = {
                          warmup_steps=100),
 }
 
-
-def learning_rate_at(step: int, peak: float, warmup_steps: int,
-                     lr_decay_steps: int | None) -> float:
-    """Linear warm-up, then constant (a run can be extended) or cosine decay to 10%."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if lr_decay_steps is None:
-        return peak
-    progress = min(1.0, (step - warmup_steps) / (lr_decay_steps - warmup_steps))
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))

@@ -1,6 +1,7 @@
 """DPG family and KL-regularised RL converge to the exact posterior (SPEC §2, §3, §10)."""
 
 import math
+import warnings
 
 import pyro
 import pytest
@@ -9,7 +10,7 @@ from conftest import conditional_world, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.diagnostics import kl
-from bayesalign.errors import ConfigError
+from bayesalign.errors import ConfigError, DivergenceWarning
 from bayesalign.inference import DPG, KLRL, Exact
 from bayesalign.models import TabularLM
 
@@ -45,7 +46,9 @@ def random_world(seed: int) -> ba.Target:
 @pytest.mark.parametrize("world", ["toy_a", "random_1", "random_2"])
 def test_policy_engines_reach_the_exact_posterior(engine, world):
     target = toy_a_target(1.0) if world == "toy_a" else random_world(int(world[-1]))
-    post = ENGINES[engine]().fit(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)  # a converged run raises no alarm
+        post = ENGINES[engine]().fit(target)
     exact = Exact().fit(target)
     # The diagnostics are exact: recompute KL(p‖π) here from the two laws on the support.
     support = exact.samples
@@ -69,7 +72,9 @@ def test_pointwise_constraint_with_dpg():
         y = pyro.sample("y", prior)
         ba.constraint("has_two", (y.tokens == 2).any(-1))
 
-    post = DPG(**BUDGET).fit(has_two)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)
+        post = DPG(**BUDGET).fit(has_two)
     assert post.diagnostics.kl_target_policy < 0.01
     assert post.diagnostics.moments["has_two"][0] > 0.99
     assert math.exp(post.extras["running_log_z[None]"]) == pytest.approx(0.466, rel=0.05)
@@ -83,7 +88,9 @@ def test_klrl_with_a_hard_constraint_stays_finite():
         y = pyro.sample("y", prior)
         ba.constraint("has_two", (y.tokens == 2).any(-1))
 
-    post = KLRL(algorithm="rloo", **BUDGET).fit(has_two)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)
+        post = KLRL(algorithm="rloo", **BUDGET).fit(has_two)
     assert all(math.isfinite(row["loss"]) for row in post.history)
     assert post.diagnostics.kl_target_policy < 0.02
     assert post.diagnostics.moments["has_two"][0] > 0.99

@@ -1,0 +1,184 @@
+"""Divergence detection, the learning-rate schedule and loss normalisation of DPG and KL-RL."""
+
+import math
+import warnings
+
+import pyro
+import pytest
+import torch
+from conftest import toy_a_prior, toy_a_target
+
+import bayesalign as ba
+from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError
+from bayesalign.inference import DPG, KLRL
+from bayesalign.inference.divergence import DivergenceState, PooledWeights
+from bayesalign.inference.dpg import DPGState
+from bayesalign.inference.policy import ScoredBatch
+from bayesalign.sequences import Sequences, mask_through_eos
+from bayesalign.training.trainer import learning_rate_at
+
+QUICK = {"batch_size": 64, "seed": 0, "progress": False, "eval_samples": 256}
+# The toy counterpart of the issue's lr 1e-4 DPG run on the code prior: SGD at lr 10 makes the
+# policy collapse onto one sequence that meets the constraint (KL(p‖π) ≈ 32 nats, the policy's
+# own draws all satisfying it, ESS fraction 1).
+DIVERGING = {**QUICK, "optimizer": "sgd", "learning_rate": 10.0}
+
+
+def has_two_target() -> ba.Target:
+    prior = toy_a_prior()
+
+    @ba.target
+    def has_two():
+        y = pyro.sample("y", prior)
+        ba.constraint("has_two", (y.tokens == 2).any(-1))
+
+    return has_two
+
+
+def test_the_warning_fires_on_a_collapsing_dpg_run_naming_step_and_signal():
+    with pytest.warns(DivergenceWarning, match=r"DPG diverges at step 3: KL\(π‖a\) is 19.7 × the "
+                                               r"target's estimated KL\(p‖a\)") as caught:
+        post = DPG(steps=40, **DIVERGING).fit(has_two_target())
+    assert len([w for w in caught if w.category is DivergenceWarning]) == 1  # once per signal
+    assert post.diagnostics.kl_target_policy > 20  # it did collapse
+    assert post.history[-1]["ess_fraction"] == pytest.approx(1.0)  # which the ESS alone cannot see
+    assert post.history[3]["monitor_kl_policy_prior_multiple"] > 10
+
+
+def test_a_larger_step_is_caught_by_the_log_z_drift():
+    with pytest.warns(DivergenceWarning, match=r"DPG diverges at step 6: the step's log Ẑ has "
+                                               r"been more than divergence_log_z_se=8.0 standard "
+                                               r"errors from the running log Ẑ for 5 consecutive "
+                                               r"steps \(now 13.5\)"):
+        DPG(steps=10, **{**DIVERGING, "learning_rate": 100.0}).fit(has_two_target())
+
+
+def test_the_warning_fires_on_a_diverging_rloo_run():
+    with pytest.warns(DivergenceWarning, match=r"KLRL-rloo diverges at step 5: the step's log Ẑ "
+                                               r"has been more than divergence_log_z_se=8.0"):
+        post = KLRL(algorithm="rloo", steps=10, **{**DIVERGING, "learning_rate": 100.0}).fit(
+            has_two_target())
+    assert post.diagnostics.kl_target_policy > 20
+
+
+def test_stop_raises_at_the_last_checkpoint(tmp_path):
+    engine = DPG(steps=40, **DIVERGING, divergence_action="stop", checkpoint_dir=str(tmp_path),
+                 checkpoint_every=1, keep_checkpoints=2)
+    with pytest.raises(TrainingError, match=r"DPG diverges at step 3: .*training stopped "
+                                            r"\(divergence_action='stop'\)\. Last checkpoint "
+                                            r"kept: .*checkpoint-00000003"):
+        engine.fit(has_two_target())
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-00000002", "checkpoint-00000003"]
+
+
+@pytest.mark.parametrize("engine", ["dpg", "dpg_off_policy", "rloo", "ppo"])
+def test_converged_runs_do_not_warn(engine):
+    settings = {**QUICK, "steps": 3000}  # test_policy_engines.py's budget
+    make = {"dpg": lambda: DPG(**settings), "dpg_off_policy": lambda: DPG(off_policy=True, **settings),
+            "rloo": lambda: KLRL(**settings), "ppo": lambda: KLRL(algorithm="ppo", **settings)}
+    for target in (toy_a_target(1.0), has_two_target()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DivergenceWarning)
+            post = make[engine]().fit(target)
+        assert post.diagnostics.kl_target_policy < 0.05
+        rows = post.history
+        assert max(r["monitor_kl_policy_prior_multiple"] for r in rows) < 5
+        assert min(r["monitor_ess_fraction"] for r in rows) > 0.1
+        checks = rows[::4] if engine == "ppo" else rows  # PPO checks once per rollout (4 steps)
+        assert _longest_run(checks, "monitor_log_z_drift_se", 8.0) < 3
+
+
+def _longest_run(rows: list[dict], key: str, above: float) -> int:
+    longest = current = 0
+    for row in rows:
+        current = current + 1 if row.get(key, 0.0) > above else 0
+        longest = max(longest, current)
+    return longest
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("divergence_action", "raise", r"divergence_action must be one of \('warn', 'stop', 'off'\)"),
+    ("divergence_ess_fraction", 1.5, "divergence_ess_fraction must be in \\(0, 1\\)"),
+    ("divergence_patience", 0, "divergence_patience must be an integer >= 1"),
+    ("divergence_kl_multiple", 0.0, "divergence_kl_multiple must be > 0"),
+    ("divergence_log_z_se", -1.0, "divergence_log_z_se must be > 0"),
+    ("loss_normalisation", "batch", "loss_normalisation must be one of \\('sequence', 'token'\\)"),
+    ("warmup_steps", -1, "warmup_steps must be >= 0"),
+    ("lr_decay_steps", 0, r"lr_decay_steps \(0\) must exceed warmup_steps \(0\)"),
+])
+@pytest.mark.parametrize("engine", [DPG, KLRL])
+def test_bad_options_are_config_errors_naming_the_option(engine, option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        engine(**{option: value})
+
+
+def test_ppo_refuses_token_normalisation():
+    with pytest.raises(ConfigError, match="loss_normalisation='token' is for reinforce and rloo"):
+        KLRL(algorithm="ppo", loss_normalisation="token")
+
+
+def test_the_monitor_state_round_trips_and_an_old_state_is_refused():
+    state = DivergenceState({"None": PooledWeights(0.5, 0.25, 7, -0.3, 1.5)}, 2, 3, ["log_z"])
+    again = DivergenceState()
+    again.load_state_dict(state.state_dict())
+    assert again == state
+    dpg = DPGState("digest", -1.0, None)
+    old = {k: v for k, v in dpg.state_dict().items() if k != "divergence"}
+    with pytest.raises(ConfigError, match="has no divergence monitor .*older version"):
+        dpg.load_state_dict(old)
+
+
+def test_pooled_weights_estimate_log_z_and_e_p_log_potential():
+    """Hand-computable: weights 1, 3 then 2, 2 pool to Ẑ = 2, E_p log φ = Σ w log φ / Σ w."""
+    pooled = PooledWeights()
+    pooled.add(torch.tensor([1.0, 3.0]).log(), torch.tensor([0.0, 1.0]))
+    pooled.add(torch.tensor([2.0, 2.0]).log(), torch.tensor([2.0, -1.0]))
+    assert pooled.log_z() == pytest.approx(math.log(2.0))
+    assert pooled.mean_log_potential == pytest.approx((3 * 1 + 2 * 2 - 2 * 1) / 8)
+    # se of log mean w: sqrt(Σw²/(Σw)² − 1/n) = sqrt(18/64 − 1/4)
+    assert pooled.log_z_se() == pytest.approx(math.sqrt(18 / 64 - 1 / 4))
+
+
+@pytest.mark.parametrize("engine", [DPG, KLRL])
+def test_the_trainer_applies_and_logs_the_schedule(engine):
+    post = engine(steps=12, warmup_steps=4, lr_decay_steps=10, learning_rate=0.05,
+                  **QUICK).fit(toy_a_target(1.0))
+    rates = [row["learning_rate"] for row in post.history]
+    assert rates == [0.05 * learning_rate_at(s, 1.0, 4, 10) for s in range(12)]
+    assert rates[:4] == pytest.approx([0.0125, 0.025, 0.0375, 0.05]) and rates[-1] == pytest.approx(0.005)
+    constant = engine(steps=3, **QUICK).fit(toy_a_target(1.0))
+    assert {row["learning_rate"] for row in constant.history} == {
+        toy_a_prior().trainable_copy().recommended_optimizer[1]}
+
+
+def test_dpg_token_normalisation_divides_each_log_prob_by_its_length():
+    """Hand-computable: π = q = a, log Z = 0, so DPG's weight is −P/π = −φ; lengths 3, 2, 1."""
+    prior = toy_a_prior()
+    tokens = torch.tensor([[0, 1, 1], [1, 2, 0], [2, 0, 0]])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    y = Sequences(tokens, mask)
+    policy = prior.trainable_copy()
+    log_a = prior.log_prob(y).double()
+    log_phi = torch.tensor([0.0, math.log(2.0), math.log(0.5)], dtype=torch.float64)
+    batch = ScoredBatch(y, None, log_a, log_a, log_a + log_phi)
+    log_pi = [float(v) for v in policy.log_prob(y).detach()]
+    weights = [-1.0, -2.0, -0.5]
+    for normalisation, lengths in (("sequence", [1, 1, 1]), ("token", [3, 2, 1])):
+        engine = DPG(loss_normalisation=normalisation)
+        loss, _ = engine._loss(policy, batch, 0.0, DPGState("", -1.0, None))
+        expected = sum(w * lp / n for w, lp, n in zip(weights, log_pi, lengths)) / 3
+        assert float(loss.detach()) == pytest.approx(expected, abs=1e-12)
+    assert mask_through_eos(tokens, None).all()  # the lengths come from the mask given
+
+
+def test_klrl_token_normalisation_on_equal_lengths_is_a_smaller_step():
+    """Toy A's sequences all have 3 tokens: "token" at lr 3η is "sequence" at lr η (SGD)."""
+    settings = {**QUICK, "steps": 5, "optimizer": "sgd"}
+    per_sequence = KLRL(learning_rate=0.1, **settings).fit(toy_a_target(1.0))
+    per_token = KLRL(learning_rate=0.3, loss_normalisation="token", **settings).fit(
+        toy_a_target(1.0))
+    for a, b in zip(per_sequence.policy.module.parameters(), per_token.policy.module.parameters()):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert not all(torch.equal(a, b) for a, b in zip(
+        per_sequence.policy.module.parameters(), toy_a_prior().trainable_copy().module.parameters()))
