@@ -1,0 +1,315 @@
+"""`SMC`: sequential Monte Carlo over tokens, with resampling and twists (SPEC §11).
+
+N particles extend token by token under a proposal q_t; particle weights follow the intermediate
+targets γ_t(s_{1:t}) = a(s_{1:t})·ψ_t(s_{1:t}) (ψ ≡ 1 without a twist), and when a particle
+completes — exactly as the prior defines completion: its first EOS, or the prior's length — its
+twist is replaced by the target's factors L(s), so γ_final = P = a·L and the incremental weights
+
+    w_t = a(s_t | s_{<t}) ψ_t(s_{1:t}) / (ψ_{t−1}(s_{1:t−1}) q_t(s_t | s_{<t}))
+
+telescope to P(s)/q(s): the twist changes variance and when resampling fires, never the target.
+Resampling (when ESS < ``ess_threshold``·N) draws ancestors and gives every particle the mean
+weight; log Ẑ is the log of the final mean weight with that bookkeeping, unbiased in Ẑ
+(Del Moral 2004). With ``proposal="twisted"``, q_t ∝ a(·|s_{<t})·ψ_t(s_{<t}, ·) over the
+vocabulary and w_t = Σ_v a(v|s_{<t}) ψ_t(s_{<t}v) / ψ_{t−1}(s_{<t}); under the optimal twist
+(`twists.optimal_twist`) every weight is Z at the first step and 1 afterwards, so log Ẑ = log Z
+for any N. After Zhao, Brekelmans, Makhzani & Grosse (ICML 2024), "Probabilistic inference in
+language models via twisted SMC".
+
+This phase runs over priors whose next-token law is a table per prefix (`TabularLM`,
+`PrefixTreeLM`); `CausalLM` (batched, KV cache reordered on resampling) is not supported yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError
+from bayesalign.evaluation import evaluate
+from bayesalign.posterior import Posterior
+from bayesalign.seeding import seeded
+from bayesalign.sequences import Sequences
+from bayesalign.targets import NO_CONTEXT, Target
+
+from .base import one_context, require_same_vocabulary
+from .resampling import check_scheme, resample
+from .twists import Twist
+
+
+def next_token_tables(distribution: SequenceDistribution, role: str) -> list[torch.Tensor]:
+    """``log q(x_t | prefix)`` for every prefix of length t: table t is ``[V**t, V]`` (float64)."""
+    # Imported here: the models package loads transformers, which importing an engine must not.
+    from bayesalign.models.adaptors import adapted_log_probs
+    from bayesalign.models.prefix_tree import PrefixTreeLM
+    from bayesalign.models.tabular import TabularLM
+
+    with torch.no_grad():
+        if isinstance(distribution, TabularLM):
+            return [table.double() for table in distribution.prefix_conditionals()]
+        if isinstance(distribution, PrefixTreeLM):
+            return [adapted_log_probs(table.detach().double(), distribution.adaptors)
+                    for table in distribution.logits.tables]
+    raise ConfigError(
+        f"SMC: the {role} is a {type(distribution).__name__}; this SMC needs a next-token table "
+        "per prefix (TabularLM or PrefixTreeLM); CausalLM priors are not supported yet"
+    )
+
+
+def _ess(log_w: torch.Tensor) -> float:
+    """Kish ESS ``(Σw)²/Σw²`` of log-weights with at least one finite entry."""
+    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+
+
+def _log_mean_exp(log_w: torch.Tensor) -> float:
+    return float(torch.logsumexp(log_w, 0)) - math.log(log_w.numel())
+
+
+@dataclass
+class _Particles:
+    """The particle population: tokens so far, prefix index into the tables, weights, log ψ."""
+
+    tokens: torch.Tensor  # [N, T] long, 0 past each particle's end
+    mask: torch.Tensor  # [N, T] bool, True at the tokens drawn so far
+    prefix: torch.Tensor  # [N] base-V index of the prefix (the row of table t)
+    done: torch.Tensor  # [N] bool: complete (EOS or the prior's length); stops extending
+    log_w: torch.Tensor  # [N] float64 log-weight since the last resampling
+    log_psi: torch.Tensor  # [N] log ψ of the current prefix (log L once complete)
+    vocab_size: int
+
+    @classmethod
+    def start(cls, num: int, length: int, vocab_size: int) -> _Particles:
+        zeros = torch.zeros(num, dtype=torch.float64)
+        return cls(torch.zeros(num, length, dtype=torch.long),
+                   torch.zeros(num, length, dtype=torch.bool),
+                   torch.zeros(num, dtype=torch.long), torch.zeros(num, dtype=torch.bool),
+                   zeros, zeros.clone(), vocab_size)
+
+    def reorder(self, ancestors: torch.Tensor) -> None:
+        """Keep the ancestors' lineages, each at the mean weight (log_w = 0, SPEC §11)."""
+        for name in ("tokens", "mask", "prefix", "done", "log_psi"):
+            setattr(self, name, getattr(self, name)[ancestors])
+        self.log_w = torch.zeros_like(self.log_w)
+
+
+@dataclass
+class SMC:
+    """Sequential Monte Carlo over tokens: ``num_particles`` weighted particles targeting p (SPEC §11)."""
+
+    num_particles: int = 256  # N particles (and draws returned)
+    ess_threshold: float = 0.5  # resample when ESS < ess_threshold·N (0: never, 1: every step)
+    resampling: str = "systematic"  # multinomial | stratified | systematic | residual
+    twist: Twist | None = None  # prefix tokens [n, t] -> log ψ_t [n]; None: ψ ≡ 1
+    proposal: SequenceDistribution | str | None = None  # None: the prior; "twisted": q ∝ a·ψ
+    final_resample: bool = False  # return an equal-weight set (resampled with `resampling`)
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_particles, int) or self.num_particles < 2:
+            raise ConfigError(f"SMC: num_particles must be an integer >= 2, got {self.num_particles!r}")
+        if not 0 <= self.ess_threshold <= 1:
+            raise ConfigError(f"SMC: ess_threshold must be in [0, 1], got {self.ess_threshold!r}")
+        check_scheme(self.resampling)
+        if isinstance(self.proposal, str) and self.proposal != "twisted":
+            raise ConfigError(f"SMC: proposal {self.proposal!r} is unknown; give None (the prior), "
+                              "'twisted' or a TabularLM/PrefixTreeLM")
+        if self.twist is not None and not callable(self.twist):
+            raise ConfigError("SMC: twist must be a callable mapping prefix tokens [n, t] to log ψ [n]")
+
+    def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
+        one_context("SMC", contexts)
+        prior = target.prior(context)
+        log_a = next_token_tables(prior, "prior")
+        log_q = None
+        if isinstance(self.proposal, SequenceDistribution):
+            require_same_vocabulary("proposal", self.proposal, prior)
+            log_q = next_token_tables(self.proposal.given(context), "proposal")
+            if len(log_q) != len(log_a):
+                raise ConfigError(f"SMC: the proposal's length {len(log_q)} differs from the "
+                                  f"prior's {len(log_a)}; they must define the same sequences")
+        with seeded(self.seed):
+            particles, log_z, history = self._run(target, context, prior, log_a, log_q)
+            log_weights = particles.log_w + (log_z - _log_mean_exp(particles.log_w))
+            samples = Sequences(tokens=particles.tokens, mask=particles.mask)
+            ess = _ess(log_weights)
+            if self.final_resample:
+                samples = samples[resample(torch.softmax(log_weights, 0), self.resampling)]
+            diagnostics = evaluate(
+                target, samples, context=context,
+                log_weights=torch.zeros(len(samples)) if self.final_resample else log_weights,
+            )
+        events = sum(row["resampled"] for row in history)
+        diagnostics = replace(
+            diagnostics, log_z=log_z, log_z_se=None, ess=ess, ess_fraction=ess / self.num_particles,
+            num_proposed=self.num_particles,
+            extras={"resampling_events": events, "ess_final": ess,
+                    "ess_min": min(row["ess"] for row in history), "num_steps": len(history)},
+        )
+        return Posterior(samples, engine="SMC", diagnostics=diagnostics, target=target,
+                         context=context,
+                         log_weights=None if self.final_resample else log_weights,
+                         config=self._config(), history=history)
+
+    def _config(self) -> dict:
+        proposal = self.proposal if self.proposal in (None, "twisted") else type(self.proposal).__name__
+        return {"num_particles": self.num_particles, "ess_threshold": self.ess_threshold,
+                "resampling": self.resampling, "twist": self.twist is not None,
+                "proposal": proposal, "final_resample": self.final_resample}
+
+    def _run(
+        self, target: Target, context: Any, prior: SequenceDistribution,
+        log_a: list[torch.Tensor], log_q: list[torch.Tensor] | None,
+    ) -> tuple[_Particles, float, list[dict]]:
+        """Extend, weight, resample until every particle is complete; returns the final
+        particles, log Ẑ and one history row per step."""
+        n, length = self.num_particles, len(log_a)
+        particles = _Particles.start(n, length, log_a[0].shape[-1])
+        log_z_resampled, history = 0.0, []  # log Π of the mean weights at resampling events
+        for t in range(length):
+            rows = (~particles.done).nonzero().squeeze(-1)
+            self._extend(particles, rows, t, target, context, prior, log_a, log_q)
+            log_mean = _log_mean_exp(particles.log_w)
+            ess = _ess(particles.log_w)
+            live = int((~particles.done).sum())
+            resampled = bool(live) and (ess < self.ess_threshold * n or self.ess_threshold == 1)
+            if resampled:
+                log_z_resampled += log_mean
+                weights = torch.softmax(particles.log_w, 0)
+                particles.reorder(resample(weights, self.resampling))
+            history.append({"step": t + 1, "ess": ess, "resampled": int(resampled),
+                            "log_z": log_z_resampled + (0.0 if resampled else log_mean),
+                            "live": live})
+            if not live:
+                break
+        return particles, history[-1]["log_z"], history
+
+    def _extend(
+        self, particles: _Particles, rows: torch.Tensor, t: int, target: Target, context: Any,
+        prior: SequenceDistribution, log_a: list[torch.Tensor], log_q: list[torch.Tensor] | None,
+    ) -> None:
+        """Draw token t of the live particles ``rows`` and multiply in their incremental weights."""
+        previous = particles.log_psi[rows]
+        step_a = log_a[t][particles.prefix[rows]]  # [n, V]
+        if self.proposal == "twisted":
+            complete, log_psi, increment = self._twisted_step(
+                particles, rows, t, step_a, target, context, prior)
+        else:
+            step_q = step_a if log_q is None else log_q[t][particles.prefix[rows]]
+            token = torch.multinomial(step_q.exp(), 1).squeeze(-1)
+            log_ratio = (step_a - step_q).gather(-1, token[:, None]).squeeze(-1)
+            complete = self._complete(token, t, len(log_a), prior)
+            self._append(particles, rows, t, token)
+            log_psi = self._log_psi(particles.tokens[rows], particles.mask[rows], t, complete,
+                                    rows, target, context)
+            increment = log_ratio + log_psi - previous
+        # A prefix at ψ = 0 already carries weight zero: keep it at zero rather than 0/0.
+        increment = torch.where(previous == -math.inf, -math.inf, increment)
+        particles.log_w[rows] += increment
+        particles.log_psi[rows] = log_psi
+        particles.done[rows] = complete
+        if not torch.isfinite(particles.log_w).any():
+            finished = len(particles.done) - len(rows)
+            raise EmptySupportError(
+                f"SMC: every particle has weight zero at step {t + 1}: "
+                f"{_why_zero(increment, log_psi, complete, finished)}; use more particles, a "
+                "proposal closer to the target, or check the target's constraints"
+            )
+
+    def _twisted_step(
+        self, particles: _Particles, rows: torch.Tensor, t: int, step_a: torch.Tensor,
+        target: Target, context: Any, prior: SequenceDistribution,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q_t ∝ a(v | s_{<t}) ψ_t(s_{<t} v): the weight Σ_v a·ψ / ψ_{t−1} ignores the draw."""
+        vocab = step_a.shape[-1]
+        candidates = self._extensions(particles, rows, t, target, context, prior, vocab)
+        log_joint = step_a + candidates
+        log_norm = torch.logsumexp(log_joint, -1)
+        # A row with no extension of positive mass keeps weight zero; it draws from a.
+        draw_from = torch.where(torch.isfinite(log_norm)[:, None], log_joint, step_a)
+        token = torch.multinomial(torch.softmax(draw_from, -1), 1).squeeze(-1)
+        complete = self._complete(token, t, particles.tokens.shape[1], prior)
+        self._append(particles, rows, t, token)
+        log_psi = candidates.gather(-1, token[:, None]).squeeze(-1)
+        return complete, log_psi, log_norm - particles.log_psi[rows]
+
+    @staticmethod
+    def _append(particles: _Particles, rows: torch.Tensor, t: int, token: torch.Tensor) -> None:
+        vocab = particles.vocab_size
+        particles.tokens[rows, t] = token
+        particles.mask[rows, t] = True
+        particles.prefix[rows] = particles.prefix[rows] * vocab + token
+
+    @staticmethod
+    def _complete(token: torch.Tensor, t: int, length: int,
+                  prior: SequenceDistribution) -> torch.Tensor:
+        """Complete exactly as the prior defines it: at its first EOS or at its length."""
+        if t == length - 1:
+            return torch.ones_like(token, dtype=torch.bool)
+        if prior.eos_token_id is None:
+            return torch.zeros_like(token, dtype=torch.bool)
+        return token == prior.eos_token_id
+
+    def _extensions(
+        self, particles: _Particles, rows: torch.Tensor, t: int, target: Target, context: Any,
+        prior: SequenceDistribution, vocab: int,
+    ) -> torch.Tensor:
+        """``log ψ_t(s_{<t} v)`` of every one-token extension (log L where v completes), [n, V]."""
+        tokens = particles.tokens[rows].repeat_interleave(vocab, 0)
+        mask = particles.mask[rows].repeat_interleave(vocab, 0)
+        token = torch.arange(vocab).repeat(len(rows))
+        tokens[:, t], mask[:, t] = token, True
+        complete = self._complete(token, t, tokens.shape[1], prior)
+        owners = rows.repeat_interleave(vocab)
+        return self._log_psi(tokens, mask, t, complete, owners, target, context).reshape(-1, vocab)
+
+    def _log_psi(
+        self, tokens: torch.Tensor, mask: torch.Tensor, t: int, complete: torch.Tensor,
+        owners: torch.Tensor, target: Target, context: Any,
+    ) -> torch.Tensor:
+        """log L(s) for complete rows, log ψ_t(s_{1:t}) for the others (0 without a twist)."""
+        log_psi = torch.zeros(len(tokens), dtype=torch.float64)
+        if complete.any():
+            done = Sequences(tokens=tokens[complete], mask=mask[complete])
+            log_psi[complete] = target.log_potential(done, context).cpu()
+        if self.twist is not None and (~complete).any():
+            log_psi[~complete] = self._checked_twist(tokens[~complete, : t + 1], t,
+                                                     owners[~complete])
+        return log_psi
+
+    def _checked_twist(self, prefixes: torch.Tensor, t: int, owners: torch.Tensor) -> torch.Tensor:
+        """The twist's log ψ on ``prefixes``: one finite-or-−inf value per prefix."""
+        log_psi = torch.as_tensor(self.twist(prefixes))
+        if log_psi.shape != (len(prefixes),):
+            raise InvalidFactorError(
+                f"SMC twist returned shape {tuple(log_psi.shape)} at step {t + 1} for "
+                f"{len(prefixes)} prefixes; it must return one log ψ per prefix, shape "
+                f"({len(prefixes)},)"
+            )
+        log_psi = log_psi.detach().double().cpu()
+        bad = torch.isnan(log_psi) | (log_psi == math.inf)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise InvalidFactorError(
+                f"SMC twist is {log_psi[i].item()} at step {t + 1} for particle {int(owners[i])} "
+                f"(prefix {prefixes[i].tolist()}); log ψ must be finite or -inf"
+            )
+        return log_psi
+
+
+def _why_zero(increment: torch.Tensor, log_psi: torch.Tensor, complete: torch.Tensor,
+              finished: int) -> str:
+    """Why this step's live particles all went to weight zero, counted by cause."""
+    zero, dead = increment == -math.inf, log_psi == -math.inf
+    reasons = {
+        "completed with a factor at -inf (a violated constraint)": zero & complete & dead,
+        "reached a prefix the twist gives log ψ = -inf": zero & ~complete & dead,
+        "drew a token of zero prior probability": zero & ~dead,
+    }
+    parts = [f"{int(m.sum())} particles {what}" for what, m in reasons.items() if m.any()]
+    if finished:
+        parts.append(f"the {finished} finished particles already had weight zero")
+    return "; ".join(parts)
