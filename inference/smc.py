@@ -16,8 +16,9 @@ vocabulary and w_t = Σ_v a(v|s_{<t}) ψ_t(s_{<t}v) / ψ_{t−1}(s_{<t}); under 
 for any N. After Zhao, Brekelmans, Makhzani & Grosse (ICML 2024), "Probabilistic inference in
 language models via twisted SMC".
 
-This phase runs over priors whose next-token law is a table per prefix (`TabularLM`,
-`PrefixTreeLM`); `CausalLM` (batched, KV cache reordered on resampling) is not supported yet.
+The prior's next-token law comes from `next_token`: a table per prefix (`TabularLM`,
+`PrefixTreeLM`) or a `CausalLM` advancing all particles in one forward pass per token with its
+KV cache reordered on resampling.
 """
 
 from __future__ import annotations
@@ -33,31 +34,12 @@ from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.seeding import seeded
-from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 
 from .base import one_context, require_same_vocabulary
+from .next_token import NextToken, next_token
 from .resampling import check_scheme, resample
 from .twists import Twist
-
-
-def next_token_tables(distribution: SequenceDistribution, role: str) -> list[torch.Tensor]:
-    """``log q(x_t | prefix)`` for every prefix of length t: table t is ``[V**t, V]`` (float64)."""
-    # Imported here: the models package loads transformers, which importing an engine must not.
-    from bayesalign.models.adaptors import adapted_log_probs
-    from bayesalign.models.prefix_tree import PrefixTreeLM
-    from bayesalign.models.tabular import TabularLM
-
-    with torch.no_grad():
-        if isinstance(distribution, TabularLM):
-            return [table.double() for table in distribution.prefix_conditionals()]
-        if isinstance(distribution, PrefixTreeLM):
-            return [adapted_log_probs(table.detach().double(), distribution.adaptors)
-                    for table in distribution.logits.tables]
-    raise ConfigError(
-        f"SMC: the {role} is a {type(distribution).__name__}; this SMC needs a next-token table "
-        "per prefix (TabularLM or PrefixTreeLM); CausalLM priors are not supported yet"
-    )
 
 
 def _ess(log_w: torch.Tensor) -> float:
@@ -71,29 +53,38 @@ def _log_mean_exp(log_w: torch.Tensor) -> float:
 
 @dataclass
 class _Particles:
-    """The particle population: tokens so far, prefix index into the tables, weights, log ψ."""
+    """The particle population: tokens so far, weights, log ψ, and the next-token laws."""
 
     tokens: torch.Tensor  # [N, T] long, 0 past each particle's end
     mask: torch.Tensor  # [N, T] bool, True at the tokens drawn so far
-    prefix: torch.Tensor  # [N] base-V index of the prefix (the row of table t)
     done: torch.Tensor  # [N] bool: complete (EOS or the prior's length); stops extending
     log_w: torch.Tensor  # [N] float64 log-weight since the last resampling
     log_psi: torch.Tensor  # [N] log ψ of the current prefix (log L once complete)
-    vocab_size: int
+    prior: NextToken  # a(· | s_{<t}) of each particle
+    proposal: NextToken | None  # q(· | s_{<t}) when a proposal distribution is given
 
     @classmethod
-    def start(cls, num: int, length: int, vocab_size: int) -> _Particles:
+    def start(cls, num: int, prior: NextToken, proposal: NextToken | None) -> _Particles:
         zeros = torch.zeros(num, dtype=torch.float64)
-        return cls(torch.zeros(num, length, dtype=torch.long),
-                   torch.zeros(num, length, dtype=torch.bool),
-                   torch.zeros(num, dtype=torch.long), torch.zeros(num, dtype=torch.bool),
-                   zeros, zeros.clone(), vocab_size)
+        return cls(torch.zeros(num, prior.length, dtype=torch.long),
+                   torch.zeros(num, prior.length, dtype=torch.bool),
+                   torch.zeros(num, dtype=torch.bool), zeros, zeros.clone(), prior, proposal)
+
+    def append(self, rows: torch.Tensor, t: int, token: torch.Tensor) -> None:
+        self.tokens[rows, t] = token
+        self.mask[rows, t] = True
+        for law in (self.prior, self.proposal):
+            if law is not None:
+                law.advance(rows, token)
 
     def reorder(self, ancestors: torch.Tensor) -> None:
         """Keep the ancestors' lineages, each at the mean weight (log_w = 0, SPEC §11)."""
-        for name in ("tokens", "mask", "prefix", "done", "log_psi"):
+        for name in ("tokens", "mask", "done", "log_psi"):
             setattr(self, name, getattr(self, name)[ancestors])
         self.log_w = torch.zeros_like(self.log_w)
+        for law in (self.prior, self.proposal):
+            if law is not None:
+                law.reorder(ancestors)
 
 
 @dataclass
@@ -123,18 +114,14 @@ class SMC:
     def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
         one_context("SMC", contexts)
         prior = target.prior(context)
-        log_a = next_token_tables(prior, "prior")
-        log_q = None
         if isinstance(self.proposal, SequenceDistribution):
             require_same_vocabulary("proposal", self.proposal, prior)
-            log_q = next_token_tables(self.proposal.given(context), "proposal")
-            if len(log_q) != len(log_a):
-                raise ConfigError(f"SMC: the proposal's length {len(log_q)} differs from the "
-                                  f"prior's {len(log_a)}; they must define the same sequences")
         with seeded(self.seed):
-            particles, log_z, history = self._run(target, context, prior, log_a, log_q)
+            particles = self._start(prior, context)
+            log_z, history = self._run(particles, target, context, prior)
             log_weights = particles.log_w + (log_z - _log_mean_exp(particles.log_w))
-            samples = Sequences(tokens=particles.tokens, mask=particles.mask)
+            samples = particles.prior.sequences(particles.tokens, particles.mask,
+                                                torch.arange(self.num_particles))
             ess = _ess(log_weights)
             if self.final_resample:
                 samples = samples[resample(torch.softmax(log_weights, 0), self.resampling)]
@@ -160,18 +147,27 @@ class SMC:
                 "resampling": self.resampling, "twist": self.twist is not None,
                 "proposal": proposal, "final_resample": self.final_resample}
 
+    def _start(self, prior: SequenceDistribution, context: Any) -> _Particles:
+        n = self.num_particles
+        prior_law, proposal_law = next_token(prior, "prior", n), None
+        if isinstance(self.proposal, SequenceDistribution):
+            proposal_law = next_token(self.proposal.given(context), "proposal", n)
+            if proposal_law.length != prior_law.length:
+                raise ConfigError(
+                    f"SMC: the proposal's length {proposal_law.length} differs from the prior's "
+                    f"{prior_law.length}; they must define the same sequences")
+        return _Particles.start(n, prior_law, proposal_law)
+
     def _run(
-        self, target: Target, context: Any, prior: SequenceDistribution,
-        log_a: list[torch.Tensor], log_q: list[torch.Tensor] | None,
-    ) -> tuple[_Particles, float, list[dict]]:
-        """Extend, weight, resample until every particle is complete; returns the final
-        particles, log Ẑ and one history row per step."""
-        n, length = self.num_particles, len(log_a)
-        particles = _Particles.start(n, length, log_a[0].shape[-1])
+        self, particles: _Particles, target: Target, context: Any, prior: SequenceDistribution,
+    ) -> tuple[float, list[dict]]:
+        """Extend, weight, resample until every particle is complete; returns log Ẑ and one
+        history row per step."""
+        n, length = self.num_particles, particles.prior.length
         log_z_resampled, history = 0.0, []  # log Π of the mean weights at resampling events
         for t in range(length):
             rows = (~particles.done).nonzero().squeeze(-1)
-            self._extend(particles, rows, t, target, context, prior, log_a, log_q)
+            self._extend(particles, rows, t, target, context, prior)
             log_mean = _log_mean_exp(particles.log_w)
             ess = _ess(particles.log_w)
             live = int((~particles.done).sum())
@@ -185,26 +181,26 @@ class SMC:
                             "live": live})
             if not live:
                 break
-        return particles, history[-1]["log_z"], history
+        return history[-1]["log_z"], history
 
     def _extend(
         self, particles: _Particles, rows: torch.Tensor, t: int, target: Target, context: Any,
-        prior: SequenceDistribution, log_a: list[torch.Tensor], log_q: list[torch.Tensor] | None,
+        prior: SequenceDistribution,
     ) -> None:
         """Draw token t of the live particles ``rows`` and multiply in their incremental weights."""
         previous = particles.log_psi[rows]
-        step_a = log_a[t][particles.prefix[rows]]  # [n, V]
+        step_a = particles.prior.log_probs(rows)  # [n, V]
         if self.proposal == "twisted":
             complete, log_psi, increment = self._twisted_step(
                 particles, rows, t, step_a, target, context, prior)
         else:
-            step_q = step_a if log_q is None else log_q[t][particles.prefix[rows]]
+            step_q = step_a if particles.proposal is None else particles.proposal.log_probs(rows)
             token = torch.multinomial(step_q.exp(), 1).squeeze(-1)
             log_ratio = (step_a - step_q).gather(-1, token[:, None]).squeeze(-1)
-            complete = self._complete(token, t, len(log_a), prior)
-            self._append(particles, rows, t, token)
-            log_psi = self._log_psi(particles.tokens[rows], particles.mask[rows], t, complete,
-                                    rows, target, context)
+            complete = self._complete(token, t, particles.prior.length, prior)
+            particles.append(rows, t, token)
+            log_psi = self._log_psi(particles, particles.tokens[rows], particles.mask[rows], t,
+                                    complete, rows, target, context)
             increment = log_ratio + log_psi - previous
         # A prefix at ψ = 0 already carries weight zero: keep it at zero rather than 0/0.
         increment = torch.where(previous == -math.inf, -math.inf, increment)
@@ -231,17 +227,10 @@ class SMC:
         # A row with no extension of positive mass keeps weight zero; it draws from a.
         draw_from = torch.where(torch.isfinite(log_norm)[:, None], log_joint, step_a)
         token = torch.multinomial(torch.softmax(draw_from, -1), 1).squeeze(-1)
-        complete = self._complete(token, t, particles.tokens.shape[1], prior)
-        self._append(particles, rows, t, token)
+        complete = self._complete(token, t, particles.prior.length, prior)
+        particles.append(rows, t, token)
         log_psi = candidates.gather(-1, token[:, None]).squeeze(-1)
         return complete, log_psi, log_norm - particles.log_psi[rows]
-
-    @staticmethod
-    def _append(particles: _Particles, rows: torch.Tensor, t: int, token: torch.Tensor) -> None:
-        vocab = particles.vocab_size
-        particles.tokens[rows, t] = token
-        particles.mask[rows, t] = True
-        particles.prefix[rows] = particles.prefix[rows] * vocab + token
 
     @staticmethod
     def _complete(token: torch.Tensor, t: int, length: int,
@@ -264,16 +253,17 @@ class SMC:
         tokens[:, t], mask[:, t] = token, True
         complete = self._complete(token, t, tokens.shape[1], prior)
         owners = rows.repeat_interleave(vocab)
-        return self._log_psi(tokens, mask, t, complete, owners, target, context).reshape(-1, vocab)
+        log_psi = self._log_psi(particles, tokens, mask, t, complete, owners, target, context)
+        return log_psi.reshape(-1, vocab)
 
     def _log_psi(
-        self, tokens: torch.Tensor, mask: torch.Tensor, t: int, complete: torch.Tensor,
-        owners: torch.Tensor, target: Target, context: Any,
+        self, particles: _Particles, tokens: torch.Tensor, mask: torch.Tensor, t: int,
+        complete: torch.Tensor, owners: torch.Tensor, target: Target, context: Any,
     ) -> torch.Tensor:
         """log L(s) for complete rows, log ψ_t(s_{1:t}) for the others (0 without a twist)."""
         log_psi = torch.zeros(len(tokens), dtype=torch.float64)
         if complete.any():
-            done = Sequences(tokens=tokens[complete], mask=mask[complete])
+            done = particles.prior.sequences(tokens[complete], mask[complete], owners[complete])
             log_psi[complete] = target.log_potential(done, context).cpu()
         if self.twist is not None and (~complete).any():
             log_psi[~complete] = self._checked_twist(tokens[~complete, : t + 1], t,
