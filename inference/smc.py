@@ -191,8 +191,9 @@ class SMC:
         previous = particles.log_psi[rows]
         step_a = particles.prior.log_probs(rows)  # [n, V]
         if self.proposal == "twisted":
-            complete, log_psi, increment = self._twisted_step(
+            complete, log_psi, log_norm = self._twisted_step(
                 particles, rows, t, step_a, target, context, prior)
+            increment = log_norm - previous
         else:
             step_q = step_a if particles.proposal is None else particles.proposal.log_probs(rows)
             token = torch.multinomial(step_q.exp(), 1).squeeze(-1)
@@ -219,7 +220,8 @@ class SMC:
         self, particles: _Particles, rows: torch.Tensor, t: int, step_a: torch.Tensor,
         target: Target, context: Any, prior: SequenceDistribution,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q_t ∝ a(v | s_{<t}) ψ_t(s_{<t} v): the weight Σ_v a·ψ / ψ_{t−1} ignores the draw."""
+        """Draw from q_t ∝ a(v | s_{<t}) ψ_t(s_{<t} v); returns completion, the drawn prefix's
+        log ψ and log Σ_v a·ψ (the weight's numerator, whatever token is drawn)."""
         vocab = step_a.shape[-1]
         candidates = self._extensions(particles, rows, t, target, context, prior, vocab)
         log_joint = step_a + candidates
@@ -230,7 +232,7 @@ class SMC:
         complete = self._complete(token, t, particles.prior.length, prior)
         particles.append(rows, t, token)
         log_psi = candidates.gather(-1, token[:, None]).squeeze(-1)
-        return complete, log_psi, log_norm - particles.log_psi[rows]
+        return complete, log_psi, log_norm
 
     @staticmethod
     def _complete(token: torch.Tensor, t: int, length: int,
