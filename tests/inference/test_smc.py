@@ -5,7 +5,7 @@ import math
 import pyro
 import pytest
 import torch
-from conftest import brute_force_toy_a, toy_a_target
+from conftest import brute_force_toy_a, conditional_world, toy_a_target
 
 import bayesalign as ba
 from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError
@@ -134,6 +134,17 @@ def test_samples_cut_at_the_priors_length_are_complete_as_exact_says():
     assert truncated.any()  # particles that reach length 3 without EOS are complete
     assert posterior.samples.keys() and set(posterior.samples.keys()) <= set(exact.samples.keys())
     assert posterior.diagnostics.tvd < 0.05
+
+
+@pytest.mark.parametrize("context", ["a", "b"])
+def test_a_conditional_target_is_solved_for_the_context_given(context):
+    target = conditional_world()
+    log_z = Exact().fit(target, context).log_z
+    assert SMC(num_particles=4, twist=optimal_twist(target, context), proposal="twisted").fit(
+        target, context).log_z == pytest.approx(log_z, abs=1e-10)
+    posterior = SMC(num_particles=20_000).fit(target, context)
+    assert posterior.log_z == pytest.approx(log_z, abs=0.05)
+    assert posterior.context == context and posterior.diagnostics.tvd < 0.03
 
 
 def test_the_weighted_particles_approximate_p(toy_a):
