@@ -21,6 +21,7 @@ _EXPORTS = {
     "QRS": ".rejection",
     "QRSCurves": ".rejection",
     "Rejection": ".rejection",
+    "SMC": ".smc",
     "TrainingConfig": "bayesalign.training",
     "TrainingError": "bayesalign.errors",
     "best_of_n_kl_bound": ".best_of_n",
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from .pretraining import Pretraining
     from .reference import exact_reference, snis_reference
     from .rejection import QRS, QRSCurves, Rejection, qrs_estimates
+    from .smc import SMC
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +75,7 @@ __all__ = [
     "QRS",
     "QRSCurves",
     "Rejection",
+    "SMC",
     "TrainingConfig",
     "TrainingError",
     "best_of_n_kl_bound",

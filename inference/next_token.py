@@ -1,0 +1,125 @@
+"""Next-token laws for `SMC`: a prior's ``log a(· | s_{<t})`` for N particles, step by step.
+
+A `NextToken` holds one row per particle: ``log_probs(rows)`` gives the next-token
+log-probabilities ``[n, V]`` (float64, CPU) of the particles ``rows``; ``advance(rows, token)``
+appends their token t; ``reorder(ancestors)`` follows resampling (SPEC §11). Table priors
+(`TabularLM`, `PrefixTreeLM`) index a table per prefix; a `CausalLM` advances all N particles in
+one forward pass per token with its KV cache, reordered on resampling (finished particles are
+fed pad, so the batch never changes shape).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError
+from bayesalign.sequences import Sequences
+
+
+class NextToken(Protocol):
+    length: int  # tokens at most: the prior's length (tables) or max_new_tokens (CausalLM)
+
+    def log_probs(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, rows: torch.Tensor, token: torch.Tensor) -> None: ...
+
+    def reorder(self, ancestors: torch.Tensor) -> None: ...
+
+    def sequences(self, tokens: torch.Tensor, mask: torch.Tensor, owners: torch.Tensor) -> Sequences:
+        """Rows of particles ``owners`` as `Sequences` the target's factors can read."""
+
+
+class TableSteps:
+    """Table t holds ``log a(x_t | prefix)`` for every prefix of length t, ``[V**t, V]``."""
+
+    def __init__(self, tables: list[torch.Tensor], num: int) -> None:
+        self.tables, self.length = tables, len(tables)
+        self.vocab = tables[0].shape[-1]
+        self.prefix = torch.zeros(num, dtype=torch.long)  # base-V index of each prefix
+        self.t = 0
+
+    def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.tables[self.t][self.prefix[rows]]
+
+    def advance(self, rows: torch.Tensor, token: torch.Tensor) -> None:
+        self.prefix[rows] = self.prefix[rows] * self.vocab + token
+        self.t += 1
+
+    def reorder(self, ancestors: torch.Tensor) -> None:
+        self.prefix = self.prefix[ancestors]
+
+    def sequences(self, tokens: torch.Tensor, mask: torch.Tensor, owners: torch.Tensor) -> Sequences:
+        return Sequences(tokens=tokens, mask=mask)
+
+
+class CausalSteps:
+    """A `CausalLM`'s next-token law for N particles: one forward pass per token, KV cache on."""
+
+    def __init__(self, lm: SequenceDistribution, num: int) -> None:
+        from bayesalign.models.decoding import tokenizer_decoder
+
+        self.lm, self.length = lm, lm.max_new_tokens
+        self.contexts = lm._contexts(num)
+        input_ids, self.attention = lm._encode_contexts(self.contexts)
+        lm._check_length(input_ids.shape[1], self.length)
+        with torch.no_grad():
+            self.logits, self.cache = lm._forward(input_ids, self.attention, keep=1,
+                                                  use_cache=True)
+        self.pending: torch.Tensor | None = None  # tokens fed on the next forward pass
+        self.decoder = tokenizer_decoder(lm.tokenizer, lm.eos_token_id, lm.hidden_tokens)
+
+    def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
+        from bayesalign.models.adaptors import adapted_log_probs
+
+        if self.pending is not None:
+            device = self.attention.device
+            self.attention = torch.cat(
+                [self.attention, self.attention.new_ones((len(self.attention), 1))], dim=1)
+            with torch.no_grad():
+                self.logits, self.cache = self.lm._forward(
+                    self.pending[:, None].to(device), self.attention, keep=1, use_cache=True,
+                    cache=self.cache)
+            self.pending = None
+        step = adapted_log_probs(self.logits[rows.to(self.logits.device), -1], self.lm.adaptors)
+        return step.double().cpu()
+
+    def advance(self, rows: torch.Tensor, token: torch.Tensor) -> None:
+        self.pending = torch.full((len(self.attention),), self.lm.pad_token_id, dtype=torch.long)
+        self.pending[rows] = token
+
+    def reorder(self, ancestors: torch.Tensor) -> None:
+        index = ancestors.to(self.attention.device)
+        self.cache.reorder_cache(index)
+        self.logits, self.attention = self.logits[index], self.attention[index]
+        if self.pending is not None:
+            self.pending = self.pending[ancestors]
+        self.contexts = [self.contexts[i] for i in ancestors.tolist()]
+
+    def sequences(self, tokens: torch.Tensor, mask: torch.Tensor, owners: torch.Tensor) -> Sequences:
+        contexts = None if self.lm.prompt is None else [self.contexts[i] for i in owners.tolist()]
+        return Sequences(tokens=tokens, mask=mask, decoder=self.decoder, context=contexts)
+
+
+def next_token(distribution: SequenceDistribution, role: str, num: int) -> NextToken:
+    """The step-by-step next-token law of ``distribution`` for ``num`` particles."""
+    # Imported here: the models package loads transformers, which importing an engine must not.
+    from bayesalign.models.adaptors import adapted_log_probs
+    from bayesalign.models.causal_lm import CausalLM
+    from bayesalign.models.prefix_tree import PrefixTreeLM
+    from bayesalign.models.tabular import TabularLM
+
+    with torch.no_grad():
+        if isinstance(distribution, TabularLM):
+            return TableSteps([t.double() for t in distribution.prefix_conditionals()], num)
+        if isinstance(distribution, PrefixTreeLM):
+            return TableSteps([adapted_log_probs(t.detach().double(), distribution.adaptors)
+                               for t in distribution.logits.tables], num)
+    if isinstance(distribution, CausalLM):
+        return CausalSteps(distribution, num)
+    raise ConfigError(
+        f"SMC: the {role} is a {type(distribution).__name__}; SMC needs a prior whose next-token "
+        "law is available step by step (TabularLM, PrefixTreeLM or CausalLM)"
+    )
