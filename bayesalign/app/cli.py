@@ -177,7 +177,7 @@ LAYOUT = """library layout (README.md, docs/):
   bayesalign            modelling core: targets, likelihood helpers, Sequences, Posterior,
                         diagnostics, evaluate, errors
   bayesalign.models     priors (TabularLM, CausalLM, Corpus), adaptors, scorers, preference models
-  bayesalign.inference  engines: Exact, Rejection, QRS, Importance, BestOfN, DPG, KLRL,
+  bayesalign.inference  engines: Exact, Rejection, QRS, Importance, BestOfN, SMC, DPG, KLRL,
                         Pretraining, fit_moments
   bayesalign.training   the training loop, checkpoints, launch strategies (DDP, FSDP, ZeRO)
   bayesalign.app        this command, the demo, plots"""

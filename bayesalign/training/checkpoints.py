@@ -109,7 +109,16 @@ def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, w
             weights[alias] = weights[name]
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     set_model_state_dict(module, weights, options=options)
-    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+    if _keeps_state(optimizer):  # decided alike on every process: the load is collective
+        set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+
+
+def _keeps_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer holds per-parameter state to restore. Plain SGD has none (torch's
+    loader then fails, "Expected device to be set"); its settings come from the run's checked
+    configuration and the Trainer sets the learning rate at every step."""
+    return not (isinstance(optimizer, torch.optim.SGD)
+                and all(group.get("momentum", 0) == 0 for group in optimizer.param_groups))
 
 
 def _tied_aliases(module: torch.nn.Module) -> dict[str, str]:

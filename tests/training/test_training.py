@@ -222,3 +222,16 @@ def test_resume_on_other_contexts_is_refused(engine, tmp_path):
         engine(**{**settings, "steps": 20}).fit(conditional_world(), contexts=["b", "a"])
     resumed = engine(**{**settings, "steps": 20}).fit(conditional_world(), contexts=["a", "b"])
     assert len(resumed.history) == 20
+
+
+def test_a_plain_sgd_run_resumes_bit_identically(tmp_path):
+    # Plain SGD keeps no per-parameter state; torch's optimizer loader raised on it.
+    settings = {**SETTINGS, "optimizer": "sgd", "learning_rate": 0.05}
+    ckpt = str(tmp_path / "ckpt")
+    DPG(**{**settings, "steps": 30}, checkpoint_dir=ckpt, checkpoint_every=10).fit(toy_a_target(1.0))
+    resumed = DPG(**{**settings, "steps": 60}, checkpoint_dir=ckpt, checkpoint_every=10).fit(
+        toy_a_target(1.0))
+    reference = DPG(**{**settings, "steps": 60}).fit(toy_a_target(1.0))
+    assert resumed.history[29]["step"] == 29 and len(resumed.history) == 60
+    for a, b in zip(parameters(reference), parameters(resumed)):
+        assert torch.equal(a, b)
