@@ -41,12 +41,12 @@ from .policy import (
     finish,
     mean_metrics,
     pick_contexts,
+    require_loss_normalisation,
     require_same_contexts,
     score_batch,
 )
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
-LOSS_NORMALISATIONS = ("sequence", "token")
 MAX_LOG_RATIO = 50.0
 
 
@@ -151,9 +151,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         require_positive("proposal_update_interval", self.proposal_update_interval)
-        if self.loss_normalisation not in LOSS_NORMALISATIONS:
-            raise ConfigError(f"loss_normalisation must be one of {LOSS_NORMALISATIONS}, "
-                              f"got {self.loss_normalisation!r}")
+        require_loss_normalisation(self.loss_normalisation)
         self.check_divergence_options()
         if self.contexts is not None:
             self.name = "CDPG"

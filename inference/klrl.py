@@ -42,13 +42,13 @@ from .policy import (
     finish,
     mean_metrics,
     pick_contexts,
+    require_loss_normalisation,
     require_same_contexts,
     score_batch,
 )
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 UNBIASED = {("k1", "reward"), ("k2", "loss")}
-LOSS_NORMALISATIONS = ("sequence", "token")
 
 
 def kl_estimate(estimator: str, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -167,9 +167,7 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
             require_positive("target_kl", self.target_kl)
         require_positive("ppo_epochs", self.ppo_epochs)
         require_positive("ppo_minibatches", self.ppo_minibatches)
-        if self.loss_normalisation not in LOSS_NORMALISATIONS:
-            raise ConfigError(f"loss_normalisation must be one of {LOSS_NORMALISATIONS}, "
-                              f"got {self.loss_normalisation!r}")
+        require_loss_normalisation(self.loss_normalisation)
         if self.loss_normalisation == "token" and self.algorithm == "ppo":
             raise ConfigError("loss_normalisation='token' is for reinforce and rloo: PPO's "
                               "clipped surrogate is already a per-token mean over each sequence")

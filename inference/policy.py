@@ -63,6 +63,14 @@ class PolicyEngineConfig(TrainingConfig):
         return contexts, make_policy(target, contexts[0], self.policy)
 
 
+LOSS_NORMALISATIONS = ("sequence", "token")
+
+
+def require_loss_normalisation(value: str) -> None:
+    """DPG's and KL-RL's ``loss_normalisation``: per sequence (the default) or per token."""
+    if value not in LOSS_NORMALISATIONS:
+        raise ConfigError(f"loss_normalisation must be one of {LOSS_NORMALISATIONS}, got {value!r}")
+
 def context_list(contexts: Any) -> list[Any]:
     """Contexts as a list; a `datasets.Dataset` gives its ``context`` (or ``prompt``) column."""
     if hasattr(contexts, "column_names"):
