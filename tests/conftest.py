@@ -159,6 +159,25 @@ def kill_after_first_checkpoint(script: str, ckpt: Path, steps: int, timeout: fl
     assert all(verify(c) is None for c in written)  # none half-written
 
 
+def write_corpus(folder, lines_per_file=40, files=3):
+    """A small synthetic corpus: lines 'k = <i>' of which every third also holds 'bad'."""
+    folder.mkdir()
+    for f in range(files):
+        rows = [f"k = {f * lines_per_file + i}{' bad' if i % 3 == 0 else ''}\n"
+                for i in range(lines_per_file)]
+        (folder / f"part{f}.txt").write_text("".join(rows))
+    return folder
+
+
+def no_bad_target(corpus):
+    @ba.target
+    def no_bad():
+        y = pyro.sample("y", corpus)
+        ba.constraint("no_bad", torch.tensor(["bad" not in t for t in y.text]))
+
+    return no_bad
+
+
 @pytest.fixture
 def toy_a() -> ba.Target:
     return toy_a_target(1.0)

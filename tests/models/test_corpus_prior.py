@@ -1,36 +1,14 @@
-"""`Corpus` prior: segments partition documents, seeded sampling, no log-prob, and Rejection on a
-corpus is filtering the dataset (acceptance = the exact fraction of segments that pass)."""
+"""`Corpus` prior: segments partition documents, seeded sampling, no log-prob (the sampling
+engines on a corpus are tested in tests/inference/test_engines_on_a_corpus.py)."""
 
-import math
 
-import pyro
 import pytest
 import torch
+from conftest import no_bad_target, write_corpus
 
-import bayesalign as ba
 from bayesalign.errors import ConfigError, NoLogProbError
-from bayesalign.inference import Importance, Rejection
 from bayesalign.models import Corpus
 from bayesalign.models.corpus_prior import partition
-
-
-def write_corpus(folder, lines_per_file=40, files=3):
-    """A small synthetic corpus: lines 'k = <i>' of which every third also holds 'bad'."""
-    folder.mkdir()
-    for f in range(files):
-        rows = [f"k = {f * lines_per_file + i}{' bad' if i % 3 == 0 else ''}\n"
-                for i in range(lines_per_file)]
-        (folder / f"part{f}.txt").write_text("".join(rows))
-    return folder
-
-
-def no_bad_target(corpus):
-    @ba.target
-    def no_bad():
-        y = pyro.sample("y", corpus)
-        ba.constraint("no_bad", torch.tensor(["bad" not in t for t in y.text]))
-
-    return no_bad
 
 
 @pytest.mark.parametrize("segment,text,expected", [
@@ -77,27 +55,6 @@ def test_corpus_has_no_log_prob(tmp_path):
         corpus.log_prob(corpus.sample_batch(2))
     with pytest.raises(NoLogProbError, match="Rejection with a bound"):
         no_bad_target(corpus).log_score(corpus.sample_batch(2))
-
-
-def test_rejection_on_a_corpus_filters_the_dataset(tmp_path):
-    corpus = Corpus(write_corpus(tmp_path / "c"), segment="line")
-    passing = [s for s in corpus.segments if "bad" not in s]
-    exact = len(passing) / len(corpus.segments)  # 78/120
-    post = Rejection(num_samples=2000, bound=1.0, chunk_size=512, seed=0).fit(no_bad_target(corpus))
-    rate = post.diagnostics.acceptance_rate
-    se = math.sqrt(exact * (1 - exact) / post.diagnostics.num_proposed)
-    assert abs(rate - exact) < 4 * se  # 4 standard errors: about 0.04 here
-    assert all("bad" not in t for t in post.samples.text)
-    assert post.diagnostics.moments["no_bad"][0] == pytest.approx(1.0)
-    counts = torch.tensor([post.samples.text.count(s) for s in set(post.samples.text)])
-    assert len(counts) == len(passing) and counts.min() > 0  # every passing segment is drawn
-
-
-def test_importance_on_a_corpus_weighs_by_the_likelihood(tmp_path):
-    corpus = Corpus(write_corpus(tmp_path / "c"), segment="line")
-    post = Importance(num_samples=600, seed=1).fit(no_bad_target(corpus))
-    exact = 78 / 120
-    assert abs(post.diagnostics.log_z - math.log(exact)) < 0.1
 
 
 def test_bad_input_is_named(tmp_path):
