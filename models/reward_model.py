@@ -140,7 +140,8 @@ class SequenceClassifierReward:
 
     @torch.no_grad()
     def __call__(self, texts: Texts | str, context: Contexts | str = None) -> torch.Tensor:
-        """One float64 log-score per row (higher is better), on the `Sequences`' device."""
+        """One float64 log-score per row (higher is better), on the `Sequences`' device (a list
+        of str: the model's)."""
         strings, contexts = _texts_and_contexts(texts, context)
         parts = [
             self._score_batch(strings[i:i + self.batch_size], contexts[i:i + self.batch_size])

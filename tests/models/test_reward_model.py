@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pyro
@@ -143,6 +144,11 @@ def test_bad_paths_and_labels_are_named(classifier_path, tmp_path):
     stdlib_tokenizer().save_pretrained(lm_path)
     with pytest.raises(ConfigError, match=r"causal-lm.*GPT2LMHeadModel, not a sequence classifier"):
         SequenceClassifierReward.from_pretrained(lm_path)
+    config = json.loads((lm_path / "config.json").read_text())
+    del config["architectures"]  # now only the missing head weights say it is no classifier
+    (lm_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"causal-lm.*weights missing.*score.weight"):
+        SequenceClassifierReward.from_pretrained(lm_path)
     with pytest.raises(ConfigError, match=r"nowhere.*not a transformers model folder"):
         SequenceClassifierReward.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=r"no label 'toxic'; its labels are \{0: 'plain', 1: 'code'\}"):
@@ -174,6 +180,9 @@ def test_a_saved_preference_model_is_a_reward_by_path(tmp_path):
     rm = SequenceClassifierReward.from_pretrained(tmp_path / "pm", label="reward", batch_size=3)
     texts = ["x = 1", "def f(a, b):\n    return a+b\n", "import os", "", "class A:\n    pass"]
     close(rm(texts), pm.score(texts))
+    too_long = ["x = 1\n" * 150, "import os"]  # over 256 tokens: both keep the start and EOS
+    assert len(pm.tokenizer(too_long[0])["input_ids"]) > pm.max_length
+    close(rm(too_long), pm.score(too_long))
     contexts = ["# a", None, "# b", "# a", None]
     close(rm(texts, contexts), pm.score(texts, contexts))
     prior = tiny_causal_lm(seed=0, max_new_tokens=6)
