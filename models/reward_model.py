@@ -73,7 +73,7 @@ class SequenceClassifierReward:
             raise ConfigError(f"reward model '{self.name}': score must be one of {SCORES}, got {score!r}")
         if batch_size < 1:
             raise ConfigError(f"reward model '{self.name}': batch_size must be >= 1, got {batch_size}")
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.score, self.batch_size = score, batch_size
         self.label = self._label_index(label)
         self.pad_token_id = next(
@@ -143,10 +143,15 @@ class SequenceClassifierReward:
         """One float64 log-score per row (higher is better), on the `Sequences`' device (a list
         of str: the model's)."""
         strings, contexts = _texts_and_contexts(texts, context)
-        parts = [
-            self._score_batch(strings[i:i + self.batch_size], contexts[i:i + self.batch_size])
-            for i in range(0, len(strings), self.batch_size)
-        ]
+        was_training = self.model.training  # dropout off while scoring; a model in training stays so
+        self.model.eval()
+        try:
+            parts = [
+                self._score_batch(strings[i:i + self.batch_size], contexts[i:i + self.batch_size])
+                for i in range(0, len(strings), self.batch_size)
+            ]
+        finally:
+            self.model.train(was_training)
         values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         return values.to(texts.device) if isinstance(texts, Sequences) else values
 

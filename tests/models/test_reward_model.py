@@ -116,6 +116,13 @@ def test_a_loaded_model_and_a_tokenizer_object(classifier_path):
     rm = SequenceClassifierReward.from_pretrained(model, stdlib_tokenizer(), label="code")
     texts, _ = toy_texts(5, seed=3)
     close(rm(texts), direct_logits(classifier_path, texts)[:, 1])
+    model.train()
+    rm(texts)
+    assert model.training  # scored in eval mode, handed back as it came
+    wide = SequenceClassifierReward.from_pretrained(classifier_path, label="code", dtype=torch.float64,
+                                                    device="cpu")
+    assert next(wide.model.parameters()).dtype == torch.float64
+    close(wide(texts), rm(texts))
     with pytest.raises(ConfigError, match="needs tokenizer="):
         SequenceClassifierReward.from_pretrained(model)
 
