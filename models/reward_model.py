@@ -74,11 +74,11 @@ class SequenceClassifierReward:
         if batch_size < 1:
             raise ConfigError(f"reward model '{self.name}': batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = model, tokenizer
-        self.score, self.batch_size = score, batch_size
+        self.score_as, self.batch_size = score, batch_size
         self.label = self._label_index(label)
         self.pad_token_id = next(
-            (t for t in (tokenizer.pad_token_id, model.config.pad_token_id) if t is not None), None
-        )
+            (t for t in (model.config.pad_token_id, tokenizer.pad_token_id) if t is not None), None
+        )  # the config's first: a decoder classifier reads the last token that is not its pad
         positions = getattr(model.config, "max_position_embeddings", None)
         self.max_length = max_length or min(
             n for n in (tokenizer.model_max_length, positions, 10**9) if n is not None
@@ -155,9 +155,11 @@ class SequenceClassifierReward:
         values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         return values.to(texts.device) if isinstance(texts, Sequences) else values
 
+    score = __call__  # as PreferenceModel.score: either is a reward by the same call
+
     def _score_batch(self, strings: list[str], contexts: list[str | None]) -> torch.Tensor:
         logits = self.logits(strings, contexts)
-        if self.score == "logit":
+        if self.score_as == "logit":
             return logits[:, self.label]
         if logits.shape[-1] == 1:
             return F.logsigmoid(logits[:, 0])

@@ -109,6 +109,7 @@ def test_log_prob_batches_and_sequences_input(classifier_path):
     y = Sequences(encoded["input_ids"], encoded["attention_mask"].bool(), decoder=tokenizer.batch_decode)
     torch.testing.assert_close(rm(y), rm(texts))
     assert rm([]).shape == (0,)
+    torch.testing.assert_close(rm.score(texts), rm(texts))  # the PreferenceModel spelling
 
 
 def test_a_loaded_model_and_a_tokenizer_object(classifier_path):
