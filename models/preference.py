@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from bayesalign.sequences import Sequences, mask_through_eos
 
 from .causal_lm import CausalLM
 from .comparisons import Comparisons, Contexts, Texts, texts_and_contexts
+from .reward_model import save_preference_model
 
 OBJECTIVES = ("ranked", "binary", "imitation")
 # What a model trained with each objective compares pairs by (SPEC §7).
@@ -88,6 +90,11 @@ class PreferenceModel:
         new.backbone, new.head = copy.deepcopy(self.backbone), copy.deepcopy(self.head)
         new.module = torch.nn.ModuleDict({"backbone": new.backbone, "head": new.head})
         return new
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write this PM as a sequence-classifier folder, so that it is a reward by path:
+        ``SequenceClassifierReward.from_pretrained(path)`` scores as ``self.score`` does."""
+        save_preference_model(self, path)
 
     def _check_scoring(self) -> None:
         if self.scoring not in ("reward", "log_likelihood"):
