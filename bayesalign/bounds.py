@@ -45,9 +45,9 @@ class LogZBounds:
     """Stochastic bounds on log Z and the KL brackets they give for one proposal q (SPEC §11).
 
     - ``log_z_lower`` ± ``_se``: mean over ``num_runs`` replicates of log Ẑ_K (IWAE from K =
-      ``num_samples`` draws of q; an estimate of a quantity ≤ log Z).
+      ``num_samples`` draws of q, or SMC with K particles; an estimate of a quantity ≤ log Z).
     - ``log_z_upper`` ± ``_se``: mean over ``num_exact`` replicates, one exact target draw each,
-      of the IWAE upper bound (an estimate of a quantity ≥ log Z).
+      of the IWAE upper bound or of conditional SMC's log Ẑ (an estimate of a quantity ≥ log Z).
     - ``elbo`` = E_q[log P − log q] ≤ log Z, ``eubo`` = E_σ[log P − log q] ≥ log Z, with se.
     - ``kl_q_target`` ⊇ KL(q‖σ) and ``kl_target_q`` ⊇ KL(σ‖q) in expectation: each end is an
       estimate with its se, so a bracket holds up to a few se.
@@ -66,7 +66,7 @@ class LogZBounds:
     num_samples: int
     num_runs: int
     num_exact: int
-    method: str = "iwae"
+    method: str = "iwae"  # "iwae", or "smc" (SMC's log Ẑ and conditional SMC's)
 
     @property
     def gap(self) -> float:
@@ -101,23 +101,39 @@ def iwae_bounds(
     if log_w.dim() != 2 or log_w.shape[0] < 1 or log_w.shape[1] < 1:
         raise ConfigError(f"iwae_bounds: log_w must have shape [runs, K] with runs, K >= 1, got "
                           f"{tuple(log_w.shape)}")
-    num_runs, k = log_w.shape
+    k = log_w.shape[1]
     if log_w_exact.dim() != 1 or len(log_w_exact) < 1 or log_w_rest.shape != (len(log_w_exact), k - 1):
         raise ConfigError(
             f"iwae_bounds: log_w_exact must have shape [n >= 1] and log_w_rest [n, K - 1] = "
             f"[n, {k - 1}], got {tuple(log_w_exact.shape)} and {tuple(log_w_rest.shape)}")
-    lower = _log_mean_exp_rows(log_w)
-    elbo = log_w.mean(-1)
     upper = _log_mean_exp_rows(torch.cat([log_w_exact[:, None], log_w_rest], -1))
+    return bounds_from_replicates(_log_mean_exp_rows(log_w), log_w.mean(-1), upper, log_w_exact,
+                                  num_samples=k, method="iwae")
+
+
+def bounds_from_replicates(
+    lower: torch.Tensor, elbo: torch.Tensor, upper: torch.Tensor, eubo: torch.Tensor, *,
+    num_samples: int, method: str,
+) -> LogZBounds:
+    """Means, se and KL brackets from independent replicates of each estimate:
+
+    - ``lower`` ``[R]``: log Ẑ of R runs (IWAE or SMC), E ≤ log Z; ``elbo`` ``[R]``: one
+      mean of log P − log q over K draws of q per run (paired with ``lower``);
+    - ``upper`` ``[n]``: the upper-bound estimate of n runs, one exact target draw each
+      (IWAE upper or conditional SMC), E ≥ log Z; ``eubo`` ``[n]``: log P − log q of that draw.
+
+    Paired differences give the low ends their se; the high ends combine independent means.
+    """
+    lower, elbo, upper, eubo = (torch.as_tensor(t).double() for t in (lower, elbo, upper, eubo))
     # A draw of q with P = 0 (elbo = -inf) proves KL(q‖σ) = inf; an exact draw with q = 0
     # (log w = +inf) proves KL(σ‖q) = inf: keep those as inf rather than inf − inf = nan.
     kl_q_low = torch.where(elbo == -math.inf, math.inf, lower - elbo)
-    kl_t_low = torch.where(log_w_exact == math.inf, math.inf, log_w_exact - upper)
+    kl_t_low = torch.where(eubo == math.inf, math.inf, eubo - upper)
     (lb, lb_se), (ub, ub_se) = mean_se(lower), mean_se(upper)
-    (f, f_se), (g, g_se) = mean_se(elbo), mean_se(log_w_exact)
+    (f, f_se), (g, g_se) = mean_se(elbo), mean_se(eubo)
     (kl_q, kl_q_se), (kl_t, kl_t_se) = mean_se(kl_q_low), mean_se(kl_t_low)
     kl_q_target = Interval(kl_q, ub - f, kl_q_se, math.hypot(ub_se, f_se))
     kl_target_q = Interval(kl_t, g - lb, kl_t_se, math.hypot(g_se, lb_se))
     return LogZBounds(lb, lb_se, ub, ub_se, f, f_se, g, g_se, kl_q_target, kl_target_q,
-                      num_samples=k, num_runs=num_runs, num_exact=len(log_w_exact))
-
+                      num_samples=num_samples, num_runs=len(lower), num_exact=len(upper),
+                      method=method)
