@@ -136,12 +136,18 @@ class Diagnostics:
       estimates or averages over draws.
     - ``elbo`` is ``E_π[log P − log π] = E_π[log L] − KL(π‖a) ≤ log Z``: the KL-regularised RL
       objective divided by kl_coef (SPEC §1.1), equal to log Z exactly when π = p.
+    - ``log_z_lower``, ``log_z_upper``: stochastic bounds on log Z where an engine has them
+      (SPEC §11): values whose expectation over seeds is ≤ (resp. ≥) log Z, so one run may fall
+      on either side by its Monte-Carlo error. SMC's ``log_z_lower`` is its log Ẑ (Ẑ unbiased, so
+      E log Ẑ ≤ log Z by Jensen); ``inference.bounds.log_z_bounds`` gives both, with se, for any q.
     - ``extras``: numbers only some engines have (BestOfN's KL and win-rate bounds, DPG's
       running log Ẑ per context, per-context values of an amortised fit).
     """
 
     log_z: float | None = None
     log_z_se: float | None = None
+    log_z_lower: float | None = None
+    log_z_upper: float | None = None
     ess: float | None = None
     ess_fraction: float | None = None
     pareto_k: float | None = None

@@ -30,6 +30,7 @@ _EXPORTS = {
     "fit_moments": ".moments",
     "history_to_arviz": "bayesalign.training",
     "history_to_csv": "bayesalign.training",
+    "log_z_bounds": ".bounds",
     "qrs_estimates": ".rejection",
     "snis_reference": ".reference",
 }
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
     from .base import Engine
     from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law
+    from .bounds import log_z_bounds
     from .dpg import DPG
     from .exact import Exact
     from .importance import Importance
@@ -84,6 +86,7 @@ __all__ = [
     "fit_moments",
     "history_to_arviz",
     "history_to_csv",
+    "log_z_bounds",
     "qrs_estimates",
     "snis_reference",
 ]

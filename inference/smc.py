@@ -10,7 +10,8 @@ twist is replaced by the target's factors L(s), so γ_final = P = a·L and the i
 telescope to P(s)/q(s): the twist changes variance and when resampling fires, never the target.
 Resampling (when ESS < ``ess_threshold``·N) draws ancestors and gives every particle the mean
 weight; log Ẑ is the log of the final mean weight with that bookkeeping, unbiased in Ẑ
-(Del Moral 2004). With ``proposal="twisted"``, q_t ∝ a(·|s_{<t})·ψ_t(s_{<t}, ·) over the
+(Del Moral 2004), so E[log Ẑ] ≤ log Z: the diagnostics report it as ``log_z_lower`` too,
+a stochastic lower bound (SPEC §11). With ``proposal="twisted"``, q_t ∝ a(·|s_{<t})·ψ_t(s_{<t}, ·) over the
 vocabulary and w_t = Σ_v a(v|s_{<t}) ψ_t(s_{<t}v) / ψ_{t−1}(s_{<t}); under the optimal twist
 (`twists.optimal_twist`) every weight is Z at the first step and 1 afterwards, so log Ẑ = log Z
 for any N. After Zhao, Brekelmans, Makhzani & Grosse (ICML 2024), "Probabilistic inference in
@@ -131,8 +132,8 @@ class SMC:
             )
         events = sum(row["resampled"] for row in history)
         diagnostics = replace(
-            diagnostics, log_z=log_z, log_z_se=None, ess=ess, ess_fraction=ess / self.num_particles,
-            num_proposed=self.num_particles,
+            diagnostics, log_z=log_z, log_z_se=None, log_z_lower=log_z, ess=ess,
+            ess_fraction=ess / self.num_particles, num_proposed=self.num_particles,
             extras={"resampling_events": events, "ess_final": ess,
                     "ess_min": min(row["ess"] for row in history), "num_steps": len(history)},
         )
