@@ -9,7 +9,6 @@ the log Z gap, not an on-policy estimate that cannot see the mass q misses.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 
 from .base import batches, require_same_vocabulary
-from .smc import SMC, _log_mean_exp, _Particles
+from .smc import SMC
 
 
 def log_z_bounds(
@@ -140,40 +139,13 @@ class _ConditionalSMC(SMC):
 
     reference_path: torch.Tensor | None = None  # [length] tokens, 0 past the draw's end
 
-    def _run(self, particles: _Particles, target: Target, context: Any,
-             prior: SequenceDistribution) -> tuple[float, list[dict]]:
-        n, log_z = self.num_particles, 0.0
-        for t in range(particles.prior.length):
-            rows = (~particles.done).nonzero().squeeze(-1)
-            self._extend(particles, rows, t, target, context, prior)
-            live = int((~particles.done).sum())
-            weights = torch.softmax(particles.log_w, 0)
-            ess = float(1 / (weights**2).sum())
-            if live and (ess < self.ess_threshold * n or self.ess_threshold == 1):
-                log_z += _log_mean_exp(particles.log_w)
-                others = torch.multinomial(weights, n - 1, replacement=True)
-                particles.reorder(torch.cat([torch.zeros(1, dtype=torch.long), others]))
-            if not live:
-                break
-        return log_z + _log_mean_exp(particles.log_w), []
+    def _ancestors(self, weights: torch.Tensor) -> torch.Tensor:
+        others = torch.multinomial(weights, self.num_particles - 1, replacement=True)
+        return torch.cat([torch.zeros(1, dtype=torch.long), others])
 
-    def _extend(self, particles: _Particles, rows: torch.Tensor, t: int, target: Target,
-                context: Any, prior: SequenceDistribution) -> None:
-        """SMC's step with the proposal's draw replaced by the reference token for particle 0."""
-        previous = particles.log_psi[rows]
-        step_a = particles.prior.log_probs(rows)
-        step_q = step_a if particles.proposal is None else particles.proposal.log_probs(rows)
-        token = torch.multinomial(step_q.exp(), 1).squeeze(-1)
-        token = torch.where(rows == 0, self.reference_path[t], token)
-        log_ratio = (step_a - step_q).gather(-1, token[:, None]).squeeze(-1)
-        complete = self._complete(token, t, particles.prior.length, prior)
-        particles.append(rows, t, token)
-        log_psi = self._log_psi(particles, particles.tokens[rows], particles.mask[rows], t,
-                                complete, rows, target, context)
-        increment = torch.where(previous == -math.inf, -math.inf, log_ratio + log_psi - previous)
-        particles.log_w[rows] += increment
-        particles.log_psi[rows] = log_psi
-        particles.done[rows] = complete
+    def _draw(self, step_q: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+        token = super()._draw(step_q, rows, t)
+        return torch.where(rows == 0, self.reference_path[t], token)
 
 
 def _exact_draws(

@@ -175,14 +175,21 @@ class SMC:
             resampled = bool(live) and (ess < self.ess_threshold * n or self.ess_threshold == 1)
             if resampled:
                 log_z_resampled += log_mean
-                weights = torch.softmax(particles.log_w, 0)
-                particles.reorder(resample(weights, self.resampling))
+                particles.reorder(self._ancestors(torch.softmax(particles.log_w, 0)))
             history.append({"step": t + 1, "ess": ess, "resampled": int(resampled),
                             "log_z": log_z_resampled + (0.0 if resampled else log_mean),
                             "live": live})
             if not live:
                 break
         return history[-1]["log_z"], history
+
+    def _ancestors(self, weights: torch.Tensor) -> torch.Tensor:
+        """Ancestor indices at a resampling event (conditional SMC keeps particle 0's)."""
+        return resample(weights, self.resampling)
+
+    def _draw(self, step_q: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+        """Token t of the live particles ``rows`` from the proposal's next-token law."""
+        return torch.multinomial(step_q.exp(), 1).squeeze(-1)
 
     def _extend(
         self, particles: _Particles, rows: torch.Tensor, t: int, target: Target, context: Any,
@@ -197,7 +204,7 @@ class SMC:
             increment = log_norm - previous
         else:
             step_q = step_a if particles.proposal is None else particles.proposal.log_probs(rows)
-            token = torch.multinomial(step_q.exp(), 1).squeeze(-1)
+            token = self._draw(step_q, rows, t)
             log_ratio = (step_a - step_q).gather(-1, token[:, None]).squeeze(-1)
             complete = self._complete(token, t, particles.prior.length, prior)
             particles.append(rows, t, token)
