@@ -61,6 +61,44 @@ def brute_force_toy_a(kl_coef: float) -> dict[str, float]:
     }
 
 
+# π for the reference tests: another first-token law and transition table than Toy A's prior,
+# so p, a and π all differ.
+PI1 = [0.2, 0.3, 0.5]
+PI_T = [[0.4, 0.3, 0.3], [0.2, 0.4, 0.4], [0.1, 0.3, 0.6]]
+
+
+def toy_a_policy() -> TabularLM:
+    return TabularLM(torch.tensor(PI1, dtype=torch.float64),
+                     torch.tensor(PI_T, dtype=torch.float64), 3)
+
+
+def brute_force_policy_distances(kl_coef: float = 1.0) -> tuple[float, float]:
+    """KL(p‖π) and TVD(p, π) of `toy_a_policy` on Toy A by a plain loop over the 27 sequences."""
+    p = brute_force_toy_a(kl_coef)["p"]
+    kl = tvd = 0.0
+    for x in itertools.product(range(3), repeat=3):
+        pi = PI1[x[0]] * PI_T[x[0]][x[1]] * PI_T[x[1]][x[2]]
+        kl += p[x] * math.log(p[x] / pi)
+        tvd += 0.5 * abs(p[x] - pi)
+    return kl, tvd
+
+
+def assert_se_calibrated(references, kl: float, tvd: float) -> None:
+    """z = (estimate − exact)/se of `toy_a_policy`'s KL and TVD over independent reference pools:
+    sd in (0.7, 1.35) and |mean| < 0.6 when the standard errors are honest."""
+    from bayesalign.reference import distances
+
+    log_prob = toy_a_policy().log_prob
+    z_kl, z_tvd = [], []
+    for reference in references:
+        measured = distances(reference, log_prob(reference.samples))
+        z_kl.append((measured.kl_target_policy - kl) / measured.kl_target_policy_se)
+        z_tvd.append((measured.tvd - tvd) / measured.tvd_se)
+    for z in (torch.tensor(z_kl), torch.tensor(z_tvd)):
+        assert 0.7 < float(z.std()) < 1.35
+        assert abs(float(z.mean())) < 0.6
+
+
 def brute_force_qrs_toy_a(qrs_beta: float, kl_coef: float = 1.0) -> dict[str, float]:
     """QRS with P = a·e^{r/β}, q = a on Toy A by a plain loop (SPEC §4.2, §10): p_β ∝ min(P,
     β_q·q); acceptance E_q[min(1, P/(β_q·q))] = Σ min(P, β_q·q)/β_q; TVD(p, p_β); KL(p‖p_β)."""

@@ -7,38 +7,24 @@ estimator is checked independently of the inference builders
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
-from conftest import brute_force_toy_a, conditional_world, toy_a_target
+from conftest import (
+    PI_T,
+    assert_se_calibrated,
+    brute_force_policy_distances,
+    conditional_world,
+    toy_a_policy,
+    toy_a_target,
+)
 
 from bayesalign import diagnostics as dx
 from bayesalign.errors import ConfigError, EmptySupportError
 from bayesalign.evaluation import evaluate
 from bayesalign.models import TabularLM
 from bayesalign.reference import EXACT, SNIS, Reference, distances
-
-# π: another first-token law and transition table than the prior's, so p, a and π all differ.
-PI1 = [0.2, 0.3, 0.5]
-PI_T = [[0.4, 0.3, 0.3], [0.2, 0.4, 0.4], [0.1, 0.3, 0.6]]
-
-
-def policy() -> TabularLM:
-    return TabularLM(torch.tensor(PI1, dtype=torch.float64),
-                     torch.tensor(PI_T, dtype=torch.float64), 3)
-
-
-def brute_force_distances(kl_coef: float = 1.0) -> tuple[float, float]:
-    """KL(p‖π) and TVD(p, π) on Toy A by a plain loop over the 27 sequences."""
-    p = brute_force_toy_a(kl_coef)["p"]
-    kl = tvd = 0.0
-    for x in itertools.product(range(3), repeat=3):
-        pi = PI1[x[0]] * PI_T[x[0]][x[1]] * PI_T[x[1]][x[2]]
-        kl += p[x] * math.log(p[x] / pi)
-        tvd += 0.5 * abs(p[x] - pi)
-    return kl, tvd
 
 
 def exact_pool(target, n: int, seed: int, num_prior: int = 4000) -> Reference:
@@ -69,9 +55,9 @@ def snis_pool(target, n: int, seed: int) -> Reference:
 @pytest.mark.parametrize("build", [exact_pool, snis_pool], ids=["exact", "snis"])
 def test_reference_agrees_with_brute_force_within_3_se(build):
     target = toy_a_target(1.0)
-    kl, tvd = brute_force_distances()
+    kl, tvd = brute_force_policy_distances()
     reference = build(target, 2000, seed=0)
-    measured = distances(reference, policy().log_prob(reference.samples))
+    measured = distances(reference, toy_a_policy().log_prob(reference.samples))
     assert abs(measured.kl_target_policy - kl) <= 3 * measured.kl_target_policy_se
     assert abs(measured.tvd - tvd) <= 3 * measured.tvd_se
     # The standard errors are those of 2,000 draws, not vanishing nor useless.
@@ -84,17 +70,9 @@ def test_standard_errors_are_calibrated_over_seeds(build):
     # z = (estimate − exact)/se over 60 independent pools: sd ≈ 1 if the se is honest (a
     # missing log Ẑ term or a wrong delta method moves it out of [0.7, 1.35]).
     target = toy_a_target(1.0)
-    kl, tvd = brute_force_distances()
-    z_kl, z_tvd = [], []
-    for seed in range(60):
-        reference = build(target, 300, seed=seed, **({"num_prior": 300} if build is exact_pool
-                                                     else {}))
-        measured = distances(reference, policy().log_prob(reference.samples))
-        z_kl.append((measured.kl_target_policy - kl) / measured.kl_target_policy_se)
-        z_tvd.append((measured.tvd - tvd) / measured.tvd_se)
-    for z in (torch.tensor(z_kl), torch.tensor(z_tvd)):
-        assert 0.7 < float(z.std()) < 1.35
-        assert abs(float(z.mean())) < 0.6
+    kl, tvd = brute_force_policy_distances()
+    extra = {"num_prior": 300} if build is exact_pool else {}
+    assert_se_calibrated((build(target, 300, seed=seed, **extra) for seed in range(60)), kl, tvd)
 
 
 def test_the_log_z_term_is_in_the_se():
@@ -102,7 +80,7 @@ def test_the_log_z_term_is_in_the_se():
     # with log Ẑ's se set to 0: the difference is log Ẑ's se, added in quadrature.
     target = toy_a_target(1.0)
     reference = exact_pool(target, 1000, seed=1, num_prior=100)
-    log_pi = policy().log_prob(reference.samples)
+    log_pi = toy_a_policy().log_prob(reference.samples)
     with_z = distances(reference, log_pi)
     without = distances(Reference(samples=reference.samples, log_score=reference.log_score,
                                   log_z=reference.log_z, log_z_se=0.0, kind=EXACT,
@@ -114,7 +92,7 @@ def test_the_log_z_term_is_in_the_se():
 
 def test_evaluate_reports_the_reference_next_to_the_exact_distances():
     target = toy_a_target(1.0)
-    pi = policy()
+    pi = toy_a_policy()
     reference = exact_pool(target, 2000, seed=2)
     d = evaluate(target, pi.sample_batch(10), law=pi.log_prob, reference=reference)
     assert d.exact and d.distances_from == "law"

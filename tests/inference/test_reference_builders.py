@@ -4,44 +4,27 @@ and on a policy collapsed onto a few sequences, where only the yardstick sees th
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 
 import pyro
 import pytest
 import torch
-from conftest import brute_force_toy_a, conditional_world, toy_a_target
+from conftest import (
+    assert_se_calibrated,
+    brute_force_policy_distances,
+    conditional_world,
+    toy_a_target,
+)
 
 import bayesalign as ba
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError
 from bayesalign.evaluation import evaluate, evaluate_policy
 from bayesalign.inference import exact_reference, snis_reference
-from bayesalign.models import CausalLM, TabularLM
+from bayesalign.models import CausalLM
 from bayesalign.models.tiny import tiny_causal_lm
-from bayesalign.reference import distances
 from bayesalign.sequences import Sequences
-
-# π for the calibration test: another first-token law and transition table than Toy A's prior.
-PI1 = [0.2, 0.3, 0.5]
-PI_T = [[0.4, 0.3, 0.3], [0.2, 0.4, 0.4], [0.1, 0.3, 0.6]]
-
-
-def policy() -> TabularLM:
-    return TabularLM(torch.tensor(PI1, dtype=torch.float64),
-                     torch.tensor(PI_T, dtype=torch.float64), 3)
-
-
-def brute_force_distances() -> tuple[float, float]:
-    """KL(p‖π) and TVD(p, π) on Toy A (kl_coef 1) by a plain loop over the 27 sequences."""
-    p = brute_force_toy_a(1.0)["p"]
-    kl = tvd = 0.0
-    for x in itertools.product(range(3), repeat=3):
-        pi = PI1[x[0]] * PI_T[x[0]][x[1]] * PI_T[x[1]][x[2]]
-        kl += p[x] * math.log(p[x] / pi)
-        tvd += 0.5 * abs(p[x] - pi)
-    return kl, tvd
 
 
 class Collapsed(SequenceDistribution):
@@ -113,17 +96,10 @@ def test_exact_reference_standard_errors_are_calibrated_over_seeds():
     # proposals), with its stopping rule; z = (estimate − exact)/se over 60 runs still has
     # sd ≈ 1 (measured 0.98 for KL, 1.05 for TVD; a KL se without the log Ẑ term gives 1.41).
     target = toy_a_target(1.0)
-    kl, tvd = brute_force_distances()
-    z_kl, z_tvd = [], []
-    for seed in range(60):
-        reference = exact_reference(target, bound=math.exp(3), num_samples=300, chunk_size=512,
-                                    seed=100 + seed)
-        measured = distances(reference, policy().log_prob(reference.samples))
-        z_kl.append((measured.kl_target_policy - kl) / measured.kl_target_policy_se)
-        z_tvd.append((measured.tvd - tvd) / measured.tvd_se)
-    for z in (torch.tensor(z_kl), torch.tensor(z_tvd)):
-        assert 0.7 < float(z.std()) < 1.35
-        assert abs(float(z.mean())) < 0.6
+    kl, tvd = brute_force_policy_distances()
+    references = (exact_reference(target, bound=math.exp(3), num_samples=300, chunk_size=512,
+                                  seed=100 + seed) for seed in range(60))
+    assert_se_calibrated(references, kl, tvd)
 
 
 def test_exact_reference_for_one_context_of_a_conditional_world():
