@@ -1,5 +1,6 @@
 """The ``bayesalign`` command: ``demo`` compares the engines, ``info`` says what is installed,
-``pretrain`` fits a GPT-2 prior to a local corpus.
+``pretrain`` fits a GPT-2 prior to a local corpus, ``fit`` runs any engine on a declared target
+into a run folder and ``show`` prints a finished run's diagnostics.
 
 Subcommands import torch, transformers and the engines inside their functions, so parsing the
 command line (``--help``, a typo) does not wait for them.
@@ -30,18 +31,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
+def versions() -> dict[str, str]:
+    """The installed version of each of `VERSIONED` ("not installed" where missing)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
-    from bayesalign import inference
-
+    found = {}
     for name in VERSIONED:
         try:
-            found = torch.__version__ if name == "torch" else version(name)
+            found[name] = torch.__version__ if name == "torch" else version(name)
         except PackageNotFoundError:
-            found = "not installed"
+            found[name] = "not installed"
+    return found
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from bayesalign import inference
+
+    for name, found in versions().items():
         print(f"{name:<13} {found}")
     print(f"{'device':<13} {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"{'engines':<13} {', '.join(engine_names(inference))}")
@@ -162,6 +172,30 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
     pretrain.set_defaults(run=_pretrain)
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from .fit import main as fit_main
+
+    return fit_main(args.arguments)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .fit import show_main
+
+    return show_main(args.folder)
+
+
+def _add_fit_and_show(commands: argparse._SubParsersAction) -> None:
+    # fit's options depend on --engine: its own parser (bayesalign.app.fit) reads them all.
+    fit = commands.add_parser(
+        "fit", add_help=False,
+        help="run an engine on a target declared in a Python file and write a run folder "
+        "(bayesalign fit --engine NAME --help lists the engine's options)")
+    fit.set_defaults(run=_fit)
+    show = commands.add_parser("show", help="print the diagnostics table of a finished run")
+    show.add_argument("folder", metavar="DIR", help="a folder written by bayesalign fit")
+    show.set_defaults(run=_show)
+
+
 def engine_names(module: object) -> list[str]:
     """Public classes of ``module`` with a ``fit`` method, i.e. its inference engines."""
     names = []
@@ -205,13 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(run=_info)
     _add_pretrain(commands)
+    _add_fit_and_show(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayesalign`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "fit":
+        args.arguments = argv[argv.index("fit") + 1:]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.argv = argv
     return args.run(args)
 
 
