@@ -76,10 +76,7 @@ def read_config(path: str) -> dict[str, Any]:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or str(error)
-            raise ConfigError(f"--config {path}: not valid YAML{where}: {problem}") from None
+            raise ConfigError(f"--config {path}: not valid YAML: {_yaml_problem(error)}") from None
     else:
         raise ConfigError(f"--config {path}: give a .yaml, .yml or .json file")
     if value is None:
@@ -88,6 +85,17 @@ def read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: the file must hold a mapping of option: value, "
                           f"not a {type(value).__name__}")
     return value
+
+
+def _yaml_problem(error: Exception) -> str:
+    """PyYAML's problem and where (1-based line and column), and what it was parsing."""
+    parts = []
+    for text, mark in (("context", "context_mark"), ("problem", "problem_mark")):
+        text, mark = getattr(error, text, None), getattr(error, mark, None)
+        if text:
+            parts.append(f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark
+                         else text)
+    return "; ".join(parts) or str(error)
 
 
 def _checked_config(config: dict[str, Any], engine: str, path: str) -> dict[str, Any]:
@@ -123,6 +131,7 @@ def _engine_parser(engine: str) -> argparse.ArgumentParser:
 
     parser = HfArgumentParser(
         options_dataclasses(cls), prog=PROG, allow_abbrev=False, formatter_class=_Formatter,
+        usage=f"{PROG} FILE.py:TARGET --engine {engine} [options] --output DIR",
         description=f"--engine {engine}: {(cls.__doc__ or '').strip().splitlines()[0]}",
         epilog=epilog)
     _run_arguments(parser)
@@ -130,7 +139,7 @@ def _engine_parser(engine: str) -> argparse.ArgumentParser:
 
 
 def _unknown(parser: argparse.ArgumentParser, remaining: list[str], engine: str) -> None:
-    flags = [s for a in parser._actions for s in a.option_strings]
+    flags = [s for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")]
     for item in remaining:
         if item.startswith("-"):
             flag = item.split("=", 1)[0]
@@ -140,9 +149,14 @@ def _unknown(parser: argparse.ArgumentParser, remaining: list[str], engine: str)
 
 def parse(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """The engine name and the run: target, output, contexts and the engine's options."""
-    first = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
+    first = argparse.ArgumentParser(
+        prog=PROG, add_help=False, allow_abbrev=False,
+        usage=f"{PROG} FILE.py:TARGET --engine NAME [options] --output DIR",
+        description="Run an engine on a declared target and write a run folder; "
+        "`bayesalign fit --engine NAME --help` lists that engine's options.")
     _run_arguments(first, with_positional=False)
-    first.add_argument("-h", "--help", action="store_true")
+    first.add_argument("-h", "--help", action="store_true",
+                       help="this help; with --engine NAME, that engine's options")
     known, _ = first.parse_known_args(argv)
     config = read_config(known.config) if known.config else {}
     engine = known.engine or config.get("engine")
