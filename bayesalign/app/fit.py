@@ -203,9 +203,10 @@ def fit_run(engine: str, run: dict[str, Any], argv: Sequence[str]) -> Path:
     contexts = run["contexts"]
     config = {"engine": engine, "target": run["target"],
               **({"contexts": contexts} if contexts else {}), **options}
+    run_folder.check(output, config)
     main = _is_main_process()
     if main:
-        run_folder.prepare(output, config)
+        run_folder.start(output, config)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     if engine == "cdpg" or (contexts and len(contexts) > 1):
         posterior = fitter.fit(target, contexts=contexts)
@@ -226,9 +227,12 @@ def _is_main_process() -> bool:
     """Rank 0 writes the folder under ``accelerate launch``; a plain run is its own rank 0."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return True
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    # As the Trainer's Accelerator: on CPUs a state made without cpu=True is not distributed,
+    # and the shared state made first is the one every later Accelerator gets.
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def main(argv: Sequence[str]) -> int:

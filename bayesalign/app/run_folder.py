@@ -37,9 +37,10 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
 
 
-def prepare(folder: Path, config: dict[str, Any]) -> None:
-    """Make ``folder`` ready for the run ``config``: new, or an unfinished run of the same
-    engine and target (resumed); a finished run or some other folder is refused."""
+def check(folder: Path, config: dict[str, Any]) -> None:
+    """Refuse a folder that holds a finished run, or something else than an unfinished run of
+    the same engine and target (which a learned engine resumes). Every process checks, so
+    that none starts training alone when the folder is refused."""
     if is_complete(folder):
         raise ConfigError(f"{folder} holds a finished run ({COMPLETE} is there): choose another "
                           "--output, or delete the folder to run again")
@@ -53,6 +54,10 @@ def prepare(folder: Path, config: dict[str, Any]) -> None:
                 raise ConfigError(f"{folder} holds an unfinished run of {key} "
                                   f"{before.get(key)!r}, not {config[key]!r}: choose another "
                                   "--output, or delete the folder")
+
+
+def start(folder: Path, config: dict[str, Any]) -> None:
+    """Create the folder and write the config as run (the main process only)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / CONFIG, config)
 
