@@ -1,14 +1,22 @@
 """``bayesalign fit`` and ``bayesalign show``: every engine through the command line gives the
 numbers the same engine gives from Python with the same seed; bad input is named; a run folder
-is finished only once ``COMPLETE`` is written, and a killed learned run resumes from it."""
+is finished only once ``COMPLETE`` is written, and a killed learned run resumes from it, on one
+process and (slow) on two under ``accelerate launch``."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from conftest import conditional_world, kill_after_first_checkpoint, toy_a_target
@@ -17,6 +25,7 @@ from bayesalign.app.cli import main
 from bayesalign.app.engine_options import ENGINES, engine_class, engine_fields
 from bayesalign.inference import DPG
 
+ROOT = Path(__file__).resolve().parents[2]
 # Toy A (SPEC §10) and the conditional world of tests/conftest.py, declared as a user would.
 TARGETS = textwrap.dedent('''
     import pyro
@@ -234,11 +243,79 @@ def test_a_killed_dpg_run_resumes_from_its_folder_bit_identically(targets, tmp_p
     script = f"import sys; from bayesalign.app.cli import main; sys.exit(main({argv!r}))"
     kill_after_first_checkpoint(script, run / "checkpoints", options["steps"])
     assert not (run / "COMPLETE").exists()
+    before = checkpointed_seconds(run)
     assert main(argv) == 0
+    assert history_column(run, "seconds")[: len(before)] == before  # resumed, not restarted
     python = DPG(**{k: v for k, v in options.items() if k != "checkpoint_every"}).fit(
         toy_a_target())
     assert folder_diagnostics(run) == as_json(python.diagnostics.as_dict())
-    rows = (run / "history.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
-    assert losses == [row["loss"] for row in python.history]
+    assert history_column(run, "loss") == [row["loss"] for row in python.history]
+
+
+def checkpointed_seconds(run: Path) -> list[float]:
+    """The step times in the newest checkpoint's history: a resumed run's history starts with
+    them, a run started afresh would time its steps anew."""
+    newest = max((run / "checkpoints").glob("checkpoint-*"), key=lambda p: p.name)
+    return [row["seconds"] for row in json.loads((newest / "trainer.json").read_text())["history"]]
+
+
+def launch_fit(argv: list[str]) -> subprocess.Popen:
+    """``accelerate launch`` of ``bayesalign ARGV`` on 2 CPU processes."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port=0",
+               "-m", "bayesalign", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL the launcher and its workers, as a killed job is (torch's elastic agent starts
+    each worker in a session of its own: a SIGKILL of the launcher alone leaves them running)."""
+    launcher = psutil.Process(pid)
+    for process in [*launcher.children(recursive=True), launcher]:
+        process.send_signal(signal.SIGKILL)
+
+
+def history_column(run: Path, column: str) -> list[float]:
+    with (run / "history.csv").open() as f:
+        return [float(row[column]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_two_processes_fit_dpg_and_resume_after_sigkill_bit_identically(targets, tmp_path) -> None:
+    """Both ranks train (each checkpoints its RNG), rank 0 writes one finished folder, and a run
+    whose whole process group is SIGKILLed after its first checkpoint resumes to the numbers of
+    an uninterrupted 2-process run. (Not compared with 1 process: the Trainer seeds each rank
+    apart, seed + 1_000_003·rank, so 2 ranks draw other samples than 1 process of twice the
+    batch.)"""
+    options = {"steps": 30, "batch_size": 8, "eval_samples": 32, "seed": 7,
+               "checkpoint_every": 2}
+
+    def argv(run: Path) -> list[str]:
+        return ["fit", f"{targets}:toy_a", "--engine", "dpg", "--output", str(run),
+                "--no-progress", *flags(options)]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = launch_fit(argv(whole))
+    assert done.wait(timeout=300) == 0, done.stderr.read()[-3000:]
+    final = whole / "checkpoints" / f"checkpoint-{options['steps']:08d}"
+    assert {f.name for f in final.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    assert json.loads((whole / "COMPLETE").read_text())["processes"] == 2
+
+    job = launch_fit(argv(killed))
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("checkpoint-*")) and job.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.02)
+    kill_job(job.pid)
+    assert job.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (killed / "COMPLETE").exists()
+    steps = [int(c.name.split("-")[1]) for c in (killed / "checkpoints").glob("checkpoint-*")]
+    assert steps and max(steps) < options["steps"]
+    before = checkpointed_seconds(killed)
+    resumed = launch_fit(argv(killed))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert history_column(killed, "seconds")[: len(before)] == before  # resumed, not restarted
+    assert folder_diagnostics(killed) == folder_diagnostics(whole)
+    assert history_column(killed, "loss") == history_column(whole, "loss")
