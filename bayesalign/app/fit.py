@@ -189,20 +189,20 @@ def parse(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 def fit_run(engine: str, run: dict[str, Any], argv: Sequence[str]) -> Path:
     """Load the target, build the engine, prepare the folder, fit, write the results."""
-    from bayesalign.training import TrainingConfig
-
     from .target_file import load_target
 
     cls = engine_class(engine)
     output = Path(run["output"])
     options = dict(run["options"])
-    if issubclass(cls, TrainingConfig) and options.get("checkpoint_dir") is None:
+    # A learned engine checkpoints inside the folder; config.json keeps the option as given, so
+    # that a rerun from it with another --output checkpoints there, not here.
+    if "checkpoint_dir" in options and options["checkpoint_dir"] is None:
         options["checkpoint_dir"] = str(output / run_folder.CHECKPOINTS)
     target = load_target(run["target"])
     fitter = cls(**options)  # checks the options' values before any folder is made
     contexts = run["contexts"]
     config = {"engine": engine, "target": run["target"],
-              **({"contexts": contexts} if contexts else {}), **options}
+              **({"contexts": contexts} if contexts else {}), **run["options"]}
     run_folder.check(output, config)
     main = _is_main_process()
     if main:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,20 @@ def test_config_file_with_a_flag_overriding_it_and_config_json_reruns(targets, t
     # The config as run is itself a config file: it reruns the same fit.
     assert main(["fit", "--config", str(written), "--output", str(tmp_path / "two")]) == 0
     assert folder_diagnostics(tmp_path / "two") == folder_diagnostics(tmp_path / "one")
+
+
+def test_a_learned_run_reruns_from_its_config_json_into_its_own_folder(targets, tmp_path,
+                                                                      capsys) -> None:
+    assert fit(f"{targets}:toy_a", "klrl", tmp_path / "one", *flags(LEARNED), "--no-progress") == 0
+    config = tmp_path / "one" / "config.json"
+    assert json.loads(config.read_text())["checkpoint_dir"] is None  # the default, not a path
+    assert main(["fit", "--config", str(config), "--output", str(tmp_path / "two")]) == 0
+    assert folder_diagnostics(tmp_path / "two") == folder_diagnostics(tmp_path / "one")
+    assert list((tmp_path / "two" / "checkpoints").glob("checkpoint-*"))
+    assert main(["show", str(tmp_path / "two")]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^engine +KLRL-rloo$", table, re.M)
+    assert re.search(r"^config\[algorithm\] +rloo$", table, re.M)
 
 
 def test_help_lists_every_option_with_its_doc_and_what_the_cli_leaves_out(capsys) -> None:
