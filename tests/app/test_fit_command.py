@@ -334,3 +334,45 @@ def test_two_processes_fit_dpg_and_resume_after_sigkill_bit_identically(targets,
     assert history_column(killed, "seconds")[: len(before)] == before  # resumed, not restarted
     assert folder_diagnostics(killed) == folder_diagnostics(whole)
     assert history_column(killed, "loss") == history_column(whole, "loss")
+
+
+CODE_TARGET = textwrap.dedent('''
+    import pyro
+
+    import bayesalign as ba
+    from bayesalign.models import CausalLM, scorers
+
+    prior = CausalLM.from_pretrained("bundled:code-small", max_new_tokens=8)
+
+
+    @ba.target
+    def clean_code():
+        y = pyro.sample("y", prior)
+        ba.reward("pep8", scorers.pep8(y), kl_coef=0.1)
+''')
+# P/q = exp(pep8/0.1) <= 1 (pep8 is minus violations per character): bound 1 is exact.
+CODE_QUICK = {
+    "rejection": {"bound": 1.0, "num_samples": 8, "chunk_size": 32, "seed": 1},
+    "qrs": {"qrs_beta": 0.5, "num_samples": 8, "chunk_size": 32, "seed": 1},
+    "importance": {"num_samples": 16, "seed": 2},
+    "best_of_n": {"n": 2, "num_samples": 8, "seed": 2},
+    "smc": {"num_particles": 8, "seed": 4},
+    "dpg": {"steps": 2, "batch_size": 4, "eval_samples": 8, "seed": 3},
+    "klrl": {"steps": 2, "batch_size": 4, "eval_samples": 8, "seed": 3},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(CODE_QUICK))
+def test_each_engine_on_the_bundled_code_prior_matches_python(engine, tmp_path_factory) -> None:
+    from bayesalign.app.target_file import load_target
+
+    path = tmp_path_factory.getbasetemp() / "code_target.py"
+    if not path.exists():
+        path.write_text(CODE_TARGET)
+    options, run = CODE_QUICK[engine], tmp_path_factory.mktemp(engine)
+    quiet = ["--no-progress"] if "steps" in options else []
+    assert fit(f"{path}:clean_code", engine, run, *flags(options), *quiet) == 0
+    python = engine_class(engine)(**options).fit(load_target(f"{path}:clean_code"))
+    assert folder_diagnostics(run) == as_json(python.diagnostics.as_dict())
+    assert (run / "COMPLETE").is_file()
