@@ -183,9 +183,3 @@ def check_value(option: Option, value: Any, where: str) -> Any:
         expected += " or null"
     raise ConfigError(f"{where}: option {option.name!r} must be {expected}, got {value!r}")
 
-
-def engine_options(name: str) -> dict[str, Option]:
-    """The CLI options of engine ``name`` by option name."""
-    options, _ = engine_fields(engine_class(name))
-    return {o.name: o for o in options}
-
