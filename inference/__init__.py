@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 
     from .base import Engine
     from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law
-    from .context_distillation import ContextDistillation
     from .bounds import log_z_bounds
+    from .context_distillation import ContextDistillation
     from .dpg import DPG
     from .exact import Exact
     from .importance import Importance

@@ -9,10 +9,13 @@ def test_quick_run_distils_the_prompt(tmp_path):
     results = read_results(tmp_path)
     prior = results["prior"]
     assert prior["kl"] > 0.1  # the prompt shifts the tiny model's law
-    for curve in results["curves"]:
-        kl = [p["kl"] for p in curve["points"]]
-        # Each distillation closes a real part of the prompt's shift, beyond 3 se.
-        assert kl[-1] < prior["kl"] - 3 * (prior["kl_se"] + curve["points"][-1]["kl_se"]), curve
+    token_level, dpg = results["curves"]
+    assert [p["steps"] for p in token_level["points"]] == [12, 24]
+    # Teacher forcing closes a real part of the prompt's shift on held-out contexts, beyond
+    # 3 se (DPG's convergence is tested in tests/inference/test_prompted_distillation.py).
+    last = token_level["points"][-1]
+    assert last["kl"] < prior["kl"] - 3 * (prior["kl_se"] + last["kl_se"]), token_level
+    assert dpg["points"][-1]["drawn"] == 24 * results["sizes"]["dpg_batch"]
     table = (tmp_path / "context_distillation.md").read_text()
     assert "token-level (a)" in table and "DPG, sequence-level (b)" in table
     assert (tmp_path / "context_distillation.png").stat().st_size > 5000

@@ -96,7 +96,9 @@ def test_sequence_level_distillation_by_dpg_moves_toward_the_prompted_prior():
     target = prompted_target(lm)
     context = TEXTS[0]
     reference = exact_reference(target, bound=1, num_samples=256, context=context, seed=0)
-    posterior = DPG(steps=30, batch_size=32, learning_rate=1e-3, eval_samples=8, progress=False,
+    # Measured on this world: lr 3e-3 moves π away (−1.5 nats), 1e-3 by 0.12 ± 0.12 in 30
+    # steps, 3e-4 by 0.54 ± 0.08 in 60.
+    posterior = DPG(steps=60, batch_size=32, learning_rate=3e-4, eval_samples=8, progress=False,
                     seed=0).fit(target, context)
     # KL before − KL after = E_p[log π_after − log π_before], paired on the same exact draws.
     gain = (posterior.policy.given(context).log_prob(reference.samples)
@@ -140,13 +142,13 @@ def test_bad_input_is_named(lm, toy_a):
         engine.fit(prompted_target(lm), contexts=["def f():\n", ""])
     with pytest.raises(ConfigError, match="fewer than 2 tokens"):
         engine.fit(prompted_target(lm), contexts=["d"])
-    no_boundary = Prompted(lm, "import o")
+    no_boundary = Prompted(lm, "impor")
 
     @ba.target
     def mid_word(context=None):
         pyro.sample("y", no_boundary.given(context))
 
     with pytest.raises(ConfigError, match="tokenise differently joined than apart"):
-        engine.fit(mid_word, contexts=["s.path\n"])
+        engine.fit(mid_word, contexts=["t os\n"])
     with pytest.raises(ConfigError, match="max_text_tokens"):
         ContextDistillation(max_text_tokens=0)
