@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "BestOfN": ".best_of_n",
+    "ContextDistillation": ".context_distillation",
     "DPG": ".dpg",
     "Engine": ".base",
     "Exact": ".exact",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .base import Engine
     from .best_of_n import BestOfN, best_of_n_kl_bound, best_of_n_log_law
     from .bounds import log_z_bounds
+    from .context_distillation import ContextDistillation
     from .dpg import DPG
     from .exact import Exact
     from .importance import Importance
@@ -67,6 +69,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BestOfN",
+    "ContextDistillation",
     "DPG",
     "Engine",
     "Exact",

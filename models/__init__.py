@@ -6,6 +6,7 @@ from .comparisons import Comparisons, build_comparisons
 from .corpus_prior import Corpus
 from .preference import PreferenceModel, pairwise_accuracy, pmp, train_preference_model
 from .prefix_tree import PrefixTreeLM
+from .prompted import Prompted
 from .reward_model import SequenceClassifierReward
 from .scorers import compiles, parses, pep8, pep8_violations, pii, pii_detections
 from .scoring import PerCharacterPenalty, Scorer
@@ -31,6 +32,7 @@ __all__ = [
     "CausalLM",
     "Eta",
     "PrefixTreeLM",
+    "Prompted",
     "TabularLM",
     "TabularLogits",
     "Temperature",
