@@ -36,7 +36,7 @@ from bayesalign.reference import Reference, distances
 from .cli import experiment_main
 from .results import write_results, write_text_atomic
 
-PROMPT = "import os\nimport sys\n\n"
+PROMPT = "import os\nimport sys\n"
 QUICK_TEXTS = ["def f(x):\n    return x\n", "class A:\n    pass\n", "for i in range(3):\n    i\n",
                "x = [1, 2, 3]\n", "if x:\n    y = 1\n", "while True:\n    break\n"]
 QUICK_HELD_OUT = ["def g(y):\n", "class B:\n"]
@@ -70,8 +70,8 @@ def load(sizes: Sizes, quick: bool) -> tuple[CausalLM, list[str], list[str]]:
         return lm, QUICK_TEXTS[:sizes.train_texts], QUICK_HELD_OUT[:sizes.held_out]
     lm = CausalLM.from_pretrained("bundled:code-small", max_new_tokens=sizes.new_tokens)
     # Top-level definitions, as the prior was trained on (segment_python).
-    train = Corpus(None, "document", split="train", segment_python=True).segments()
-    held_out = Corpus(None, "document", split="heldout", segment_python=True).segments()
+    train = Corpus(None, "document", split="train", segment_python=True).segments
+    held_out = Corpus(None, "document", split="heldout", segment_python=True).segments
     step = max(1, len(train) // sizes.train_texts)
     texts = [t for t in train[::step] if t.strip()][:sizes.train_texts]
     contexts = [first_line(t) for t in held_out if first_line(t).strip()]
