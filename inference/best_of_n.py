@@ -53,7 +53,7 @@ class BestOfN:
     num_samples: int = 1000  # samples returned (n times as many proposals)
     proposal: SequenceDistribution | None = None  # q; the prior by default
     chunk_size: int = 4096  # proposals drawn and scored at once (whole groups of n)
-    seed: int | None = 0
+    seed: int | None = 0  # seeds torch for the fit (None: the caller's RNG state)
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:

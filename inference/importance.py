@@ -28,7 +28,7 @@ class Importance:
     proposal: SequenceDistribution | None = None  # q; the prior by default
     resample: bool = False  # multinomial resample to equal weights (diagnostics: before it)
     chunk_size: int = 4096  # proposals drawn and scored at once
-    seed: int | None = 0
+    seed: int | None = 0  # seeds torch for the fit (None: the caller's RNG state)
 
     def __post_init__(self) -> None:
         require_positive("num_samples", self.num_samples)

@@ -32,8 +32,8 @@ class _AcceptReject:
     num_samples: int = 1000  # accepted draws returned
     proposal: SequenceDistribution | None = None  # q; the prior by default
     chunk_size: int = 4096  # proposals drawn and scored at once
-    max_proposals: int | None = None
-    seed: int | None = 0
+    max_proposals: int | None = None  # error after this many proposals (None: 1000 × num_samples)
+    seed: int | None = 0  # seeds torch for the fit (None: the caller's RNG state)
     name: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ class _AcceptReject:
 class Rejection(_AcceptReject):
     """Exact rejection sampling with envelope ``bound`` = M ≥ max P/q; errors if a draw exceeds it."""
 
-    bound: float = 1.0
+    bound: float = 1.0  # M ≥ max P/q (1 for a hard constraint or a reward r ≤ 0 on the prior)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,7 +146,7 @@ class Rejection(_AcceptReject):
 class QRS(_AcceptReject):
     """Quasi-rejection sampling: accept with ``min(1, P/(β_q q))``; exact as β_q → max P/q."""
 
-    qrs_beta: float = 1.0
+    qrs_beta: float = 1.0  # β_q: acceptance min(1, P/(β_q q)); larger is more exact, slower
 
     def __post_init__(self) -> None:
         super().__post_init__()
