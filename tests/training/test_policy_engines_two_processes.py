@@ -60,7 +60,7 @@ def max_weight_difference(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("two")
-    launch_policy_engines(output, ENGINES)
+    launch_policy_engines(output, [*ENGINES, "cdpg"])
     return output
 
 
@@ -96,6 +96,14 @@ def test_two_processes_follow_one_process_drawing_both_ranks_samples(two_process
     keys = ranks[0]["history"][0].keys()
     assert {"monitor_ess_fraction", "monitor_kl_policy_prior_multiple"} <= keys
     assert ("log_z" in keys) == (name == "dpg")
+
+
+def test_cdpg_processes_train_on_the_same_contexts(two_processes):
+    # Process 0 draws each step's context for all: the gathered weights are one context's.
+    ranks = [policy_run(two_processes, "cdpg", rank) for rank in (0, 1)]
+    assert logged(ranks[0]["history"]) == logged(ranks[1]["history"])
+    assert max_weight_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0
+    assert any("monitor_log_z_drift_se" in row for row in ranks[0]["history"])
 
 
 @pytest.mark.slow

@@ -127,13 +127,16 @@ POLICY_OPTIONS = {"steps": 5, "optimizer": "sgd", "learning_rate": 0.05, "eval_s
                   "seed": 5, "progress": False, "checkpoint_every": 2, "keep_checkpoints": 3}
 
 
+CONTEXTS = ["x = ", "def "]  # CDPG's prompts: one drawn per step
+
+
 def policy_engine(name: str, **options):
-    """DPG, RLOO or PPO (3 epochs per rollout, so the checkpoint at step 2 falls mid-rollout)."""
+    """DPG, CDPG, RLOO or PPO (3 epochs per rollout: the checkpoint at step 2 is mid-rollout)."""
     from bayesalign.inference import DPG, KLRL
 
     options = {**POLICY_OPTIONS, **options}
-    if name == "dpg":
-        return DPG(**options)
+    if name in ("dpg", "cdpg"):
+        return DPG(**options, **({"contexts_per_step": 1} if name == "cdpg" else {}))
     return KLRL(algorithm=name, **({"ppo_epochs": 3} if name == "ppo" else {}), **options)
 
 
@@ -142,8 +145,8 @@ def low_tokens_target() -> ba.Target:
     prior = tiny_causal_lm(seed=1, n_layer=1, n_embd=32, initializer_range=0.3, max_new_tokens=6)
 
     @ba.target
-    def low_tokens():
-        y = pyro.sample("y", prior)
+    def low_tokens(prompt=None):
+        y = pyro.sample("y", prior.given(prompt))
         low = ((y.tokens < prior.vocab_size // 2) & y.mask).sum(-1)
         ba.reward("low", (low / y.mask.sum(-1).clamp(min=1)).double(), kl_coef=0.2)
 
@@ -196,8 +199,8 @@ def fit_and_save(name: str, output: Path, rank: int, ranks: int = 1, **options) 
     save this process' history, final weights and training draws under ``output/name``."""
     folder = output / name
     with training_draws(POLICY_OPTIONS["seed"], ranks) as drawn:
-        post = policy_engine(name, checkpoint_dir=str(folder / "checkpoints"),
-                             **options).fit(low_tokens_target())
+        engine = policy_engine(name, checkpoint_dir=str(folder / "checkpoints"), **options)
+        post = engine.fit(low_tokens_target(), contexts=CONTEXTS if name == "cdpg" else None)
     torch.save({"history": post.history, "draws": drawn,
                 "weights": {k: v.detach().cpu().clone()
                             for k, v in post.policy.module.state_dict().items()}},
