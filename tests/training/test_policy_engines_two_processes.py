@@ -128,13 +128,20 @@ def test_a_killed_two_process_run_resumes_bit_identically(two_processes, tmp_pat
 @pytest.mark.slow
 def test_zero2_partitions_the_optimizer_and_follows_the_same_curve(one_process, tmp_path):
     launch_policy_engines(tmp_path, ENGINES, config="deepspeed")
+    parameters = sum(p.numel() for p in low_tokens_target().prior().module.parameters())
     for name in ENGINES:
         ranks = [policy_run(tmp_path, name, rank) for rank in (0, 1)]
         assert_close_histories(ranks[0]["history"], policy_run(one_process, name)["history"])
         assert max_weight_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0
         assert max_weight_difference(ranks[0]["weights"], policy_run(one_process, name)["weights"]
                                      ) < TOLERANCE
+        # Each process holds half of the fp32 master weights (ZeRO-2), in its own file.
         state = tmp_path / name / "checkpoints" / f"checkpoint-{STEPS:08d}" / "deepspeed" / "state"
-        assert {f.name for f in state.glob("zero_pp_rank_*_optim_states.pt")} == {
-            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+        shares = []
+        for rank in (0, 1):
+            saved = torch.load(state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                               weights_only=False)["optimizer_state_dict"]
+            assert int(saved["zero_stage"]) == 2
+            shares.append(sum(p.numel() for p in saved["single_partition_of_fp32_groups"]))
+        assert shares[0] == shares[1] == -(-parameters // 2)
 
