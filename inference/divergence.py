@@ -24,6 +24,9 @@ A policy collapsed onto a few sequences that satisfy the target has equal weight
 fraction 1) and, once its draws dominate the pool, a KL(p‖a) estimate near its own KL(π‖a):
 (a) and (b) then miss it; (c) and (b) see the onset, which is when the warning is raised.
 
+Under several processes the signals are computed from every process' weights (gathered), as
+one process drawing them all would compute them.
+
 ``divergence_action``: "warn" raises a `DivergenceWarning` once per signal, naming the step and
 the signal's value; "stop" raises a `TrainingError` naming them and the last checkpoint kept
 (a checkpointed run then resumes from its last good checkpoint); "off" checks nothing. The
@@ -41,6 +44,7 @@ from typing import ClassVar
 import torch
 
 from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError, require_positive
+from bayesalign.training.processes import gather, mean_over_processes
 
 ACTIONS = ("warn", "stop", "off")
 # Signal (b) divides by max(KL̂(p‖a), this): below it the pooled estimate is noise at batches of
@@ -147,12 +151,18 @@ class DivergenceMonitor:
     def signals(self, key: str, log_w: torch.Tensor, log_potential: torch.Tensor,
                 kl_policy_prior: float) -> dict[str, float]:
         """One context's signals at this step (and its weights pooled for the next steps):
-        ``ess_fraction`` and ``log_z_drift_se``; KL(π_c‖a_c) is kept for `check`."""
+        ``ess_fraction`` and ``log_z_drift_se``; KL(π_c‖a_c) is kept for `check`.
+
+        Each process passes its own draws' ``log_w``, ``log_potential`` and estimate of
+        KL(π_c‖a_c); they are gathered (averaged) across processes here, so the signals and the
+        monitor's state are those of the whole step's draws, the same on every process."""
         if self.options.divergence_action == "off":
             return {}
+        log_w, log_potential = gather(log_w.double()), gather(log_potential.double())
+        kl_policy_prior = mean_over_processes(kl_policy_prior)
         pooled = self.state.pooled.setdefault(key, PooledWeights())
         before_log_z, before_se = pooled.log_z(), pooled.log_z_se()
-        pooled.add(log_w.double(), log_potential.double())
+        pooled.add(log_w, log_potential)
         finite = torch.isfinite(log_w)
         n = log_w.numel()
         if not finite.any():

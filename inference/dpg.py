@@ -32,6 +32,7 @@ from bayesalign.errors import ConfigError, EmptySupportError, require_positive
 from bayesalign.posterior import Posterior
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
+from bayesalign.training.processes import gather
 
 from .divergence import DivergenceMonitor, DivergenceOptions, DivergenceState
 from .policy import (
@@ -179,9 +180,9 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
                 loss, info = self._loss(conditional, batch, log_z, state)
                 losses.append(loss)
                 metrics.append(info)
-                signals.append(monitor.signals(
-                    str(batch.context), log_w,
-                    trainer.gather(batch.log_score - batch.log_prior), info["kl_policy_prior"]))
+                signals.append(monitor.signals(str(batch.context), batch.log_w,
+                                               batch.log_score - batch.log_prior,
+                                               info["kl_policy_prior"]))
             checked = monitor.check(step_index, signals)
             swap = self._proposal_schedule(target, proposal, policy, chosen[0], step_index)
             return torch.stack(losses).mean(), {**mean_metrics(metrics), **swap, **checked}
@@ -223,7 +224,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         if self.baseline:
             if self.divergence != "kl":
                 state.baseline = 0.99 * state.baseline + 0.01 * float(
-                    (pi_over_q * grad_weight).mean())
+                    gather(pi_over_q * grad_weight).mean())
             grad_weight = grad_weight - state.baseline
         # Samples outside the target's support (P = 0) keep their term: with a baseline they
         # are pushed down, which is how π learns to put no mass there.
@@ -254,15 +255,19 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
 
 def _metrics(batch: ScoredBatch, log_z: float, log_pi: torch.Tensor,
              pi_over_q: torch.Tensor) -> dict[str, float]:
-    """log Ẑ, ESS, E_π log φ, KL(π‖a) and KL(p‖π) of one batch, by IS from q (§2.6)."""
-    finite = torch.isfinite(batch.log_w)
+    """log Ẑ, ESS, E_π log φ, KL(π‖a) and KL(p‖π) of one batch, by IS from q (§2.6), from
+    every process' draws (gathered)."""
+    log_score, log_prior, log_q, log_pi, pi_over_q = (gather(t) for t in (
+        batch.log_score, batch.log_prior, batch.log_q, log_pi, pi_over_q))
+    log_w = log_score - log_q
+    finite = torch.isfinite(log_w)
     info = {
         "log_z": log_z,
-        "ess_fraction": dx.ess(batch.log_w) / len(batch.y) if finite.any() else 0.0,
-        "log_potential": float((pi_over_q[finite] * (batch.log_score - batch.log_prior)[finite]
+        "ess_fraction": dx.ess(log_w) / len(log_w) if finite.any() else 0.0,
+        "log_potential": float((pi_over_q[finite] * (log_score - log_prior)[finite]
                                 ).sum() / pi_over_q.sum()) if finite.any() else -math.inf,
-        "kl_policy_prior": float((pi_over_q * (log_pi - batch.log_prior)).mean()),
+        "kl_policy_prior": float((pi_over_q * (log_pi - log_prior)).mean()),
     }
     if finite.any():
-        info["kl_target_policy"] = dx.is_kl_target_policy(batch.log_score, batch.log_q, log_pi)
+        info["kl_target_policy"] = dx.is_kl_target_policy(log_score, log_q, log_pi)
     return info

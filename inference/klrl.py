@@ -33,6 +33,7 @@ from bayesalign.posterior import Posterior
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
+from bayesalign.training.processes import gather
 
 from .divergence import DivergenceMonitor, DivergenceOptions, DivergenceState
 from .policy import (
@@ -61,8 +62,10 @@ def kl_estimate(estimator: str, log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def rloo_advantage(reward: torch.Tensor) -> torch.Tensor:
-    """R_i − b_i, b_i the mean reward of the group's other samples (§3.2, Kool et al. 2019)."""
-    return reward - (reward.sum() - reward) / (reward.numel() - 1)
+    """R_i − b_i, b_i the mean reward of the group's other samples (§3.2, Kool et al. 2019);
+    the group is the step's draws for the context on every process."""
+    group = gather(reward)
+    return reward - (group.sum() - reward) / (group.numel() - 1)
 
 
 def clipped_surrogate(new: torch.Tensor, old: torch.Tensor, advantage: torch.Tensor,
@@ -110,7 +113,7 @@ class KLRLState:
     def reinforce_advantage(self, reward: torch.Tensor) -> torch.Tensor:
         """R − b with b a moving average of past mean rewards (§3.2), then b is updated."""
         advantage = reward - self.reward_baseline
-        self.reward_baseline = 0.9 * self.reward_baseline + 0.1 * float(reward.mean())
+        self.reward_baseline = 0.9 * self.reward_baseline + 0.1 * float(gather(reward).mean())
         return advantage
 
     def adapt_kl_scale(self, kl: float, target_kl: float, gain: float) -> None:
@@ -217,7 +220,7 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
         log_potential = batch.log_score - batch.log_prior
         violated = torch.isneginf(log_potential)
         return log_potential.masked_fill(violated, self.constraint_penalty), float(
-            violated.float().mean())
+            gather(violated.float()).mean())
 
     def _policy_gradient_step(self, target: Target, policy: SequenceDistribution,
                               contexts: list[Any], state: KLRLState, monitor: DivergenceMonitor,
@@ -298,8 +301,9 @@ def _signals(monitor: DivergenceMonitor, batch: ScoredBatch,
 
 def _metrics(task: torch.Tensor, log_ratio: torch.Tensor, violated: float,
              kl_scale: float) -> dict[str, float]:
-    """E log L, KL(π‖a) and their difference (the objective over kl_coef) of one group."""
-    kl = float(log_ratio.mean())
+    """E log L, KL(π‖a) and their difference (the objective over kl_coef) of one group, on
+    every process' draws."""
+    task, kl = gather(task), float(gather(log_ratio).mean())
     return {"log_potential": float(task.mean()), "kl_policy_prior": kl,
             "objective": float(task.mean()) - kl, "kl_scale": kl_scale,
             "constraint_violations": violated}

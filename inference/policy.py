@@ -20,6 +20,7 @@ from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import TrainingConfig
+from bayesalign.training.processes import from_first_process
 
 from .base import require_same_vocabulary
 
@@ -141,10 +142,11 @@ def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def pick_contexts(contexts: Sequence[Any], per_step: int) -> list[Any]:
-    """Contexts for one step, drawn with torch's RNG so a resumed run draws the same."""
+    """Contexts for one step, drawn with torch's RNG so a resumed run draws the same; process
+    0's on every process, so that the weights gathered across processes are one context's."""
     if len(contexts) == 1:
         return [contexts[0]]
-    index = torch.randint(len(contexts), (min(per_step, len(contexts)),))
+    index = from_first_process(torch.randint(len(contexts), (min(per_step, len(contexts)),)))
     return [contexts[i] for i in index.tolist()]
 
 

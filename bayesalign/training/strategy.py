@@ -129,11 +129,14 @@ def strategy_for(accelerator: Accelerator, module: torch.nn.Module, engine: str,
 
     zero_plan = zero.plan_from_launch(accelerator)
     fsdp_plan = None if zero_plan else fsdp.plan_from_launch(accelerator)
-    if (zero_plan is not None or fsdp_plan is not None) and not supports_sharding:
+    # ZeRO-1/2 keep the whole weights on every process, so a policy may sample between updates;
+    # FSDP gathers them in lockstep, which sampling each process to its own length breaks.
+    if fsdp_plan is not None and not supports_sharding:
         raise ConfigError(
-            f"{engine}: FSDP and DeepSpeed launches serve pretraining only; this engine "
-            "samples from its policy within each step, each process to its own length, which "
-            "FSDP's lockstep weight gathers do not allow; launch with configs/accelerate/ddp.yaml"
+            f"{engine}: FSDP launches serve pretraining only; this engine samples from its "
+            "policy within each step, each process to its own length, which FSDP's lockstep "
+            "weight gathers do not allow; launch with configs/accelerate/ddp.yaml, or "
+            "deepspeed.yaml (ZeRO-2) to partition the optimizer state"
         )
     if zero_plan is not None:
         return zero.Zero(accelerator, module, engine, optimizer_name, learning_rate, max_grad_norm,

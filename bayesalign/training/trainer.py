@@ -5,7 +5,7 @@ What depends on the launch (data parallel, FSDP2, DeepSpeed ZeRO-1/2) is its `St
 (`bayesalign.training.strategy`): the loop below is the same for all of them.
 
 Checkpoints are written here (safetensors weights and optimizer state keyed by parameter name,
-RNG states, engine state, history) rather than by ``accelerate.save_state``, so a data-parallel
+each process' RNG and engine state, history) rather than by ``accelerate.save_state``, so a data-parallel
 and an FSDP run write the same files; DeepSpeed adds its partitioned optimizer state in
 ``deepspeed/``. A checkpoint is written to a temporary folder, checksummed, then
 renamed, so a kill mid-write never leaves a half checkpoint; resume skips a corrupted one and
@@ -44,6 +44,7 @@ from .checkpoints import (
     write_manifest,
 )
 from .fsdp import local_parameter_fraction, recomputes_activations
+from .processes import gather, rank_seed
 from .strategy import strategy_for
 
 
@@ -113,7 +114,8 @@ class Trainer:
     off-policy proposal, the adaptive kl_coef), checkpointed with the policy.
 
     How the launch runs backward, the update and checkpoints is its `Strategy`'s. Engines whose
-    steps only run the module's forward on data (pretraining) pass ``supports_sharding``, and
+    steps only run the module's forward on data (pretraining) pass ``supports_sharding`` (FSDP;
+    ZeRO-1/2 serve every engine, as each process keeps the whole weights), and
     name in ``separately_called`` any submodule they call outside that forward (a value head).
     After `run`, ``module`` is the trained module, unsharded, on every process.
 
@@ -169,12 +171,12 @@ class Trainer:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All processes' values (for global weight normalisation, DESIGN.md 'Scale')."""
-        return self.accelerator.gather(tensor.contiguous())
+        return gather(tensor)
 
     def run(self, step_fn: StepFn) -> list[dict[str, float]]:
         config = self.config
         # Each rank its own seed, so ranks draw different samples.
-        with seeded(config.seed + 1_000_003 * self.accelerator.process_index):
+        with seeded(rank_seed(config.seed, self.accelerator.process_index)):
             self._resume()
             bar = tqdm(total=config.steps, initial=self.start_step, desc=self.engine,
                        disable=None if config.progress else True, leave=False)
@@ -206,9 +208,12 @@ class Trainer:
         for self.micro_step in range(accumulation):
             with self.strategy.micro_batch(self.micro_step, accumulation):
                 loss, metrics = step_fn(step)
-            if not torch.isfinite(loss):
+            # Every process stops together (one left alone would wait at the next all-reduce).
+            finite = torch.isfinite(loss.detach()).reshape(1)
+            if not bool(gather(finite).all()):
+                value = "finite here, not on another process" if finite else loss.item()
                 raise TrainingError(
-                    f"{self.engine}: loss is {loss.item()} at step {step}; training stopped. "
+                    f"{self.engine}: loss is {value} at step {step}; training stopped. "
                     f"{self.last_checkpoint_note()}"
                 )
             self.strategy.backward(loss, accumulation)
@@ -271,9 +276,10 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        # Per process: a PPO rollout holds this process' own draws.
+        torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / f"engine-{rank}.pt")
         self.strategy.save(tmp)
         if self.accelerator.is_main_process:
-            torch.save({k: v.state_dict() for k, v in self.state.items()}, tmp / "engine.pt")
             meta = {"step": step, "engine": self.engine, "config": config_identity(self.config),
                     "history": self.history}
             (tmp / "trainer.json").write_text(json.dumps(meta))
@@ -309,19 +315,23 @@ class Trainer:
         # Multi-process CPU runs get device "cpu:0", which safetensors and torch.load refuse.
         device = "cpu" if self.device.type == "cpu" else str(self.device)
         self.strategy.load(checkpoint)
-        engine_state = torch.load(checkpoint / "engine.pt", map_location=device,
-                                  weights_only=False)
+        rank = self.accelerator.process_index
+        written_here = (checkpoint / f"rng-{rank}.pt").exists()
+        if not written_here:  # resumed on more processes than wrote it: weights are exact, RNG is not
+            warnings.warn(f"{checkpoint} has no RNG or engine state for process {rank}; it "
+                          "continues from its seed and process 0's engine state", stacklevel=3)
+        engine_file = checkpoint / f"engine-{rank if written_here else 0}.pt"
+        if not engine_file.exists():
+            raise ConfigError(f"{checkpoint} holds no {engine_file.name} (it was written by an "
+                              "older version, with one engine.pt); use a new checkpoint_dir")
+        engine_state = torch.load(engine_file, map_location=device, weights_only=False)
         for name, obj in self.state.items():
             if name not in engine_state:
                 raise ConfigError(f"{checkpoint} holds no engine state {name!r} (it was written "
                                   "by an older version of this engine); use a new checkpoint_dir")
             obj.load_state_dict(engine_state[name])
-        rank_file = checkpoint / f"rng-{self.accelerator.process_index}.pt"
-        if rank_file.exists():
-            set_rng_state(torch.load(rank_file, weights_only=False))
-        else:  # resumed on more processes than wrote the checkpoint: weights are exact, RNG is not
-            warnings.warn(f"{checkpoint} has no RNG state for process "
-                          f"{self.accelerator.process_index}; it continues from its seed", stacklevel=3)
+        if written_here:
+            set_rng_state(torch.load(checkpoint / f"rng-{rank}.pt", weights_only=False))
         self.history = meta["history"]
         self.start_step = meta["step"]
 

@@ -6,7 +6,8 @@ accelerate's own `DeepSpeedPlugin` (`bayesalign.training.launch`) and the engine
 2-process CPU tests run the code a GPU run runs.
 
 ZeRO-1/2 partition the optimizer state (and gradients) across processes; every process keeps
-the whole weights, so step functions call the model as usual. ZeRO-3 also partitions the
+the whole weights, so step functions call the model as usual (and the policy engines sample
+from it between updates, each process to its own length). ZeRO-3 also partitions the
 weights, and then the model must only be called through DeepSpeed's engine (a direct call
 trains on stale weights, measured); FSDP (configs/accelerate/fsdp.yaml) shards the same way
 and is supported, so stage 3 is refused with a pointer to it.

@@ -205,7 +205,7 @@ def test_gradient_accumulation_and_micro_batches_are_logged():
 def test_a_checkpoint_with_the_old_engine_state_layout_is_refused(engine, old_state, tmp_path):
     engine(**{**SETTINGS, "steps": 20}, checkpoint_dir=str(tmp_path)).fit(toy_a_target(1.0))
     checkpoint = sorted(tmp_path.glob("checkpoint-*"))[-1]
-    torch.save(old_state, checkpoint / "engine.pt")  # the layout before DPGState / KLRLState
+    torch.save(old_state, checkpoint / "engine-0.pt")  # the layout before DPGState / KLRLState
     (checkpoint / "manifest.json").unlink()
     write_manifest(checkpoint)
     name = "dpg" if engine is DPG else "klrl"

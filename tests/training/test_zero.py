@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_a_prior
 from safetensors.torch import load_file
 from two_processes import (
     BATCH,
@@ -27,7 +26,6 @@ from two_processes import (
 
 from bayesalign.errors import ConfigError
 from bayesalign.inference.pretraining_run import pretrain
-from bayesalign.training import Trainer, TrainingConfig
 from bayesalign.training.zero import ZeroPlan, engine_config, plan_from_launch
 
 __all__ = ["corpus", "one_process_run"]  # fixtures, used by name
@@ -124,11 +122,6 @@ def deepspeed_launch(monkeypatch):
                         "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none"}.items():
         monkeypatch.setenv(name, value)
     return monkeypatch
-
-
-def test_engines_that_sample_inside_a_step_refuse_deepspeed(deepspeed_launch):
-    with pytest.raises(ConfigError, match="samples from its policy.*ddp.yaml"):
-        Trainer(TrainingConfig(steps=1), toy_a_prior(), engine="dpg")
 
 
 @pytest.mark.parametrize("variable, value, message", [
