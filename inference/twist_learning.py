@@ -7,11 +7,11 @@ the optimal ψ*_t = E_a[L | s_{1:t}] (up to a constant per t). Its gradient is
     Σ_t  E_σ[∇ log ψ_t(s_{1:t})] − E_{π_t}[∇ log ψ_t(s_{1:t})]
 
 Each step draws ``batch_size`` sequences from the prior: the negative term weights their
-prefixes by ψ_t (self-normalised, a = q so a/q = 1); the positive term weights the same draws
-by L (self-normalised importance sampling of σ), or takes ``exact_samples`` (exact target draws,
-e.g. ``Rejection(...).fit(target).samples``) with equal weights when they are given. Only
-prefixes still incomplete at t enter step t's terms (a finished sequence has no ψ_t), and a
-t whose positive term has no mass is skipped, since without it the negative term only lowers ψ.
+prefixes by ψ_t (self-normalised, a = q so a/q = 1; a draw already complete at t keeps its
+weight L, see `ctl_loss`); the positive term weights the same draws by L (self-normalised
+importance sampling of σ), or takes ``exact_samples`` (exact target draws, e.g.
+``Rejection(...).fit(target).samples``) with equal weights when they are given. A batch with no
+positive mass is a step without signal (the negative term alone would only lower ψ).
 The loop is the shared `Trainer`'s: checkpoints, exact resume, history.
 """
 
@@ -76,7 +76,8 @@ class TwistLearning(TrainingConfig):
                 index = torch.randint(len(self.exact_samples), (self.batch_size,))
                 positives = self.exact_samples[index]
                 positive_log_w = torch.zeros(self.batch_size, dtype=torch.float64)
-            return ctl_loss(twist, positives, positive_log_w, draws, trainer.device)
+            return ctl_loss(twist, positives, positive_log_w, draws, log_potential,
+                            trainer.device)
 
         twist.history = trainer.run(step)
         return twist
@@ -84,31 +85,50 @@ class TwistLearning(TrainingConfig):
 
 def ctl_loss(
     twist: PrefixTwist, positives: Sequences, positive_log_w: torch.Tensor, negatives: Sequences,
-    device: torch.device | str = "cpu",
+    negative_log_potential: torch.Tensor, device: torch.device | str = "cpu",
+    negative_log_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``Σ_t Σ_i w⁻_{t,i} log ψ_t(s⁻_i) − Σ_i w⁺_{t,i} log ψ_t(s⁺_i)`` with stopped weights: its
-    gradient is minus CTL's, so minimising it ascends CTL. ``negatives`` are prior draws."""
+    """``Σ_t Σ_i w⁻_{t,i} log ψ_t(s⁻_i) − Σ_i w⁺_i log ψ_t(s⁺_i)`` over the draws still
+    incomplete at t, with stopped weights: its gradient is minus CTL's, so minimising it ascends
+    CTL. ``negatives`` are prior draws with their log L; draws from another q (or a whole
+    enumerated support) need ``negative_log_ratio`` = log a(s)/q(s) of each draw, which weights
+    its prefixes correctly too (the future's ratio averages to 1 under q).
+
+    π_t covers every draw at step t: a complete one at its P = a·L (weight L under the prior),
+    an incomplete one at a·ψ_t, so both terms normalise over all draws. That fixes ψ_t's scale
+    against L (its fixed point is ψ* itself, not ψ* up to a constant per t), which matters once
+    particles finish at different steps.
+    """
     loss = torch.zeros((), dtype=torch.float64, device=device)
-    steps, positive_ess = 0, []
+    steps = 0
     width = min(twist.max_prefix_length, positives.tokens.shape[1] - 1,
                 negatives.tokens.shape[1] - 1)
-    for t in range(1, width + 1):
-        pos_rows, neg_rows = _incomplete(positives, t), _incomplete(negatives, t)
-        log_w = positive_log_w[pos_rows]
-        if not neg_rows.any() or not torch.isfinite(log_w).any():
-            continue
-        weights = torch.softmax(log_w, 0).to(device)
-        positive_ess.append(float(1 / (weights**2).sum()))
-        log_psi_pos = twist(positives.tokens[pos_rows, :t].to(device))
-        log_psi_neg = twist(negatives.tokens[neg_rows, :t].to(device))
-        negative = torch.softmax(log_psi_neg.detach().double(), 0)
-        loss = loss + (negative * log_psi_neg).sum() - (weights * log_psi_pos).sum()
-        steps += 1
-    if not steps:  # no prefix of positive target mass in this batch: a step without signal
+    positive_log_w = positive_log_w.double().cpu()
+    log_ratio = torch.zeros(len(negatives), dtype=torch.float64) if negative_log_ratio is None \
+        else negative_log_ratio.double().cpu()
+    negative_log_potential = negative_log_potential.double().cpu() + log_ratio
+    if width >= 1 and torch.isfinite(positive_log_w).any():
+        positive = torch.softmax(positive_log_w, 0).to(device)
+        # One call per batch for every t: a hidden-state twist runs the prior once.
+        log_psi_pos = twist.all_prefixes(positives.tokens[:, :width].to(device))
+        log_psi_neg = twist.all_prefixes(negatives.tokens[:, :width].to(device))
+        for t in range(1, width + 1):
+            pos_rows, neg_rows = _incomplete(positives, t), _incomplete(negatives, t)
+            if not neg_rows.any():
+                continue
+            log_gamma = negative_log_potential.clone().to(device)
+            log_gamma[neg_rows.to(device)] = (log_psi_neg[neg_rows.to(device), t - 1].detach()
+                                              .double() + log_ratio[neg_rows].to(device))
+            negative = torch.softmax(log_gamma, 0)[neg_rows.to(device)]
+            loss = (loss + (negative * log_psi_neg[neg_rows.to(device), t - 1]).sum()
+                    - (positive[pos_rows.to(device)] * log_psi_pos[pos_rows.to(device), t - 1]).sum())
+            steps += 1
+        ess = float(1 / (positive**2).sum())
+    else:
+        ess = 0.0
+    if not steps:  # no draw of positive target mass in this batch: a step without signal
         loss = loss + 0.0 * sum(p.sum() for p in twist.parameters())
-    metrics = {"ctl_steps": float(steps),
-               "positive_ess": min(positive_ess) if positive_ess else 0.0}
-    return loss, metrics
+    return loss, {"ctl_steps": float(steps), "positive_ess": ess}
 
 
 def _incomplete(y: Sequences, t: int) -> torch.Tensor:

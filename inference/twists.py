@@ -5,9 +5,9 @@ A twist is any callable ``twist(prefixes) -> log_psi`` taking the prefix tokens 
 shape ``[n]``, finite or ``-inf`` (ψ = 0: a prefix with no future mass). `optimal_twist`
 computes the exact twist ψ*_t(s_{1:t}) = Σ_c a(c | s_{1:t}) L(s_{1:t} c) by enumeration, the
 reference under which twisted SMC returns log Ẑ = log Z exactly for any number of particles.
-A learned twist is a `PrefixTwist` module (`TableTwist` for table priors), trained by
-`twist_learning.TwistLearning`; it declares the vocabulary and prefix length it was built for,
-which `SMC` checks against the prior.
+A learned twist is a `PrefixTwist` module (`TableTwist` for table priors, `HiddenStateTwist`, a
+head on a `CausalLM`'s hidden states), trained by `twist_learning.TwistLearning`; it declares the
+vocabulary and prefix length it was built for, which `SMC` checks against the prior.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class PrefixTwist(torch.nn.Module):
         self.max_prefix_length = max_prefix_length
         self.history: list[dict[str, float]] = []
 
+    def all_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``log ψ_t(tokens[:, :t])`` for t = 1..T as ``[n, T]`` (CTL needs every t of a draw)."""
+        return torch.stack([self(tokens[:, :t]) for t in range(1, tokens.shape[1] + 1)], -1)
+
     def check_prefixes(self, prefixes: torch.Tensor) -> None:
         """Refuse prefixes this twist was not built for: too long, or tokens outside its vocabulary."""
         t = prefixes.shape[-1]
@@ -103,6 +107,48 @@ class TableTwist(PrefixTwist):
         for t in range(prefixes.shape[-1]):
             index = index * self.vocab_size + prefixes[:, t]
         return self.tables[prefixes.shape[-1] - 1][index]
+
+
+class HiddenStateTwist(PrefixTwist):
+    """log ψ_t = a small MLP on the frozen prior's last hidden state at s_t (a `CausalLM`).
+
+    The prior is held outside the module's parameters, so training and checkpoints touch the
+    head only; its last layer starts at zero (ψ ≡ 1, SMC without a twist). One forward pass of
+    the prior per call (no KV cache): affordable for prefix twists under the prior's proposal,
+    not for ``proposal="twisted"``, which asks for every one-token extension.
+    """
+
+    recommended_optimizer = ("adam", 1e-3)
+
+    def __init__(self, prior: SequenceDistribution, width: int = 64) -> None:
+        if getattr(prior, "prompt", None) is not None or not hasattr(prior, "start_token_id"):
+            raise ConfigError("HiddenStateTwist: the prior must be an unconditional CausalLM "
+                              f"(no prompt), got {type(prior).__name__}")
+        super().__init__(prior, prior.max_new_tokens - 1)
+        self._prior = [prior]  # a list: not a submodule, so not trained nor checkpointed
+        hidden = prior.module.config.hidden_size
+        self.head = torch.nn.Sequential(torch.nn.Linear(hidden, width), torch.nn.Tanh(),
+                                        torch.nn.Linear(width, 1))
+        torch.nn.init.zeros_(self.head[-1].weight)
+        torch.nn.init.zeros_(self.head[-1].bias)
+
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The prior's last-layer hidden states after each token, ``[n, t, hidden]``."""
+        prior = self._prior[0]
+        start = torch.full((len(tokens), 1), prior.start_token_id, dtype=torch.long)
+        ids = torch.cat([start, tokens.cpu()], 1).to(prior.device)
+        with torch.no_grad():
+            out = prior.module(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               output_hidden_states=True)
+        return out.hidden_states[-1][:, 1:].float().to(self.head[0].weight.device)
+
+    def all_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(tokens[:, : self.max_prefix_length])
+        return self.head(self._hidden(tokens)).squeeze(-1)
+
+    def forward(self, prefixes: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(prefixes)
+        return self.head(self._hidden(prefixes)[:, -1]).squeeze(-1)
 
 
 def _log_add(a: float, b: float) -> float:

@@ -11,7 +11,8 @@ from conftest import toy_a_target
 import bayesalign as ba
 from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError, VocabularyMismatchError
 from bayesalign.inference import SMC, Exact, Rejection, TableTwist, TwistLearning
-from bayesalign.inference.twists import optimal_twist
+from bayesalign.inference.twist_learning import ctl_loss
+from bayesalign.inference.twists import HiddenStateTwist, optimal_twist
 from bayesalign.models import TabularLM
 
 EOS = 3
@@ -244,3 +245,58 @@ def test_bad_twist_learning_options_are_config_errors():
         TwistLearning(twist=lambda p: p)
     with pytest.raises(ConfigError, match="exact_samples is empty"):
         TwistLearning(exact_samples=ba.Sequences(tokens=torch.zeros(0, 3, dtype=torch.long)))
+
+
+def test_the_ctl_gradient_vanishes_exactly_at_the_optimal_twist():
+    """On the whole support weighted exactly (σ for the positives, a for the negatives) the
+    CTL gradient is zero at ψ* and only there: a shifted ψ* is not a fixed point once sequences
+    end at different steps (the EOS world)."""
+    target = constrained_world(True)
+    support = target.support()
+    log_a = support.log_q.double()
+    log_potential = target.log_potential(support)
+    log_p = log_a + log_potential
+    optimal, twist = optimal_twist(target), TableTwist(target.prior())
+
+    def gradient_norm(shift: float) -> float:
+        with torch.no_grad():
+            for t, table in enumerate(twist.tables, start=1):
+                prefixes = torch.cartesian_prod(*[torch.arange(4)] * t).reshape(-1, t)
+                # ψ* = 0 on prefixes no allowed sequence extends: a large negative stands in.
+                table.copy_(optimal(prefixes).clamp(min=-60.0) + shift)
+        twist.zero_grad()
+        loss, _ = ctl_loss(twist, support, log_p, support, log_potential,
+                           negative_log_ratio=log_a)
+        loss.backward()
+        return float(torch.cat([p.grad for p in twist.parameters()]).norm())
+
+    assert gradient_norm(0.0) < 1e-10
+    assert gradient_norm(0.5) > 1e-2
+
+
+def test_a_hidden_state_twist_trains_its_head_only_and_runs_in_smc():
+    from bayesalign.models.tiny import tiny_causal_lm
+
+    lm = tiny_causal_lm(seed=1, initializer_range=0.3, max_new_tokens=4)
+    before = [p.detach().clone() for p in lm.module.parameters()]
+
+    @ba.target
+    def low_ids():
+        y = pyro.sample("y", lm)
+        ba.reward("low", ((y.tokens < 50) & y.mask).sum(-1).double(), kl_coef=0.5)
+
+    twist = TwistLearning(steps=3, batch_size=16, learning_rate=1e-2, progress=False,
+                          twist=HiddenStateTwist(lm)).fit(low_ids)
+    assert len(twist.history) == 3 and all(math.isfinite(r["loss"]) for r in twist.history)
+    assert {k.split(".")[0] for k in twist.state_dict()} == {"head"}
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.module.parameters()))
+    prefixes = lm.sample_batch(5).tokens[:, :3]
+    # The one-pass values of every prefix are the per-prefix calls SMC makes.
+    assert torch.allclose(twist.all_prefixes(prefixes)[:, 1], twist(prefixes[:, :2]), atol=1e-5)
+    posterior = SMC(num_particles=8, twist=twist, ess_threshold=1.0).fit(low_ids)
+    assert math.isfinite(posterior.log_z) and posterior.extras["resampling_events"] > 0
+    other = tiny_causal_lm(seed=1, vocab_size=400, max_new_tokens=4)
+    with pytest.raises(VocabularyMismatchError, match="SMC: the twist's vocabulary"):
+        SMC(num_particles=4, twist=HiddenStateTwist(other)).fit(low_ids)
+    with pytest.raises(ConfigError, match="HiddenStateTwist: the prior must be an unconditional"):
+        HiddenStateTwist(lm.given("def f():"))
