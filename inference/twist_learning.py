@@ -2,7 +2,7 @@
 
 CTL (Zhao, Brekelmans, Makhzani & Grosse, ICML 2024, §4) fits ψ_t so that the intermediate
 target π_t(s_{1:t}) ∝ a(s_{1:t}) ψ_t(s_{1:t}) matches σ's marginal on prefixes, whose twist is
-the optimal ψ*_t = E_a[L | s_{1:t}] (up to a constant per t). Its gradient is
+the optimal ψ*_t = E_a[L | s_{1:t}]. Its gradient is
 
     Σ_t  E_σ[∇ log ψ_t(s_{1:t})] − E_{π_t}[∇ log ψ_t(s_{1:t})]
 
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from bayesalign.errors import ConfigError
+from bayesalign.errors import ConfigError, VocabularyMismatchError
 from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer, TrainingConfig
@@ -63,8 +63,9 @@ class TwistLearning(TrainingConfig):
         prior = target.prior(context)
         twist = self.twist if self.twist is not None else TableTwist(prior)
         if twist.vocabulary_id != tuple(prior.vocabulary_id):
-            raise ConfigError(f"TwistLearning: the twist was built for vocabulary "
-                              f"{twist.vocabulary_id}, the prior's is {tuple(prior.vocabulary_id)}")
+            raise VocabularyMismatchError(
+                f"TwistLearning: the twist was built for vocabulary {twist.vocabulary_id}, the "
+                f"prior's is {tuple(prior.vocabulary_id)}")
         trainer = Trainer(self, _Trainable(twist, twist.recommended_optimizer), "TwistLearning")
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
