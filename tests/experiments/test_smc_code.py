@@ -23,5 +23,8 @@ def test_quick_smc_code_runs_every_method(tmp_path):
     assert twisted["zero_runs"] == 0 and math.isfinite(twisted["log_z_hat"])
     assert twisted["ess_per_1k_tokens"] > rows["Importance (prior)"]["ess_per_1k_tokens"]
     assert all(r["tokens"] == 16 * 6 for r in rows.values())
-    assert results["bounds_lower"] <= results["bounds_upper"] + 1e-9
-    assert all(math.isfinite(results[k]) for k in ("reference_log_z", "bounds_gap"))
+    assert math.isfinite(results["reference_log_z"])
+    # Quick mode's few replicates give noisy ends (their order is not asserted); the prefix twist
+    # keeps SMC's lower end finite where a prior replicate may have no allowed draw.
+    assert math.isfinite(results["bounds_iwae"]["upper"])
+    assert all(math.isfinite(results["bounds_smc"][end]) for end in ("lower", "upper"))
