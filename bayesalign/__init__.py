@@ -25,6 +25,7 @@ _EXPORTS = {
     "evaluate_policy": "evaluation",
     "log_sigmoid_centered": "likelihood",
     "moment": "likelihood",
+    "prefix_constraint": "likelihood",
     "reference_reward": "likelihood",
     "reward": "likelihood",
     "target": "targets",
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
         constraint,
         log_sigmoid_centered,
         moment,
+        prefix_constraint,
         reference_reward,
         reward,
     )
@@ -75,6 +77,7 @@ __all__ = [
     "evaluate_policy",
     "log_sigmoid_centered",
     "moment",
+    "prefix_constraint",
     "reference_reward",
     "reward",
     "target",

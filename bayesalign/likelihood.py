@@ -7,6 +7,9 @@ moment feature and its target mean) from the trace alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -14,6 +17,9 @@ import torch.nn.functional as F
 from pyro.poutine.messenger import Messenger
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .sequences import Sequences
 
 METADATA = "bayesalign"
 
@@ -40,13 +46,35 @@ def reward(name: str, r: torch.Tensor, kl_coef: float = 1.0) -> torch.Tensor:
 
 def constraint(name: str, mask: torch.Tensor) -> torch.Tensor:
     """Factor ``log 1[b(y)]``: 0 where the constraint holds, −inf where it fails (SPEC §1.2)."""
+    return _constraint(name, mask)
+
+
+def prefix_constraint(
+    name: str, y: Sequences, holds: Callable[[Sequences], torch.Tensor]
+) -> torch.Tensor:
+    """`constraint` ``log 1[b(y)]`` for a condition checkable on a prefix (SPEC §11).
+
+    ``holds(s)`` gives one bool per row of ``s``: on complete sequences it is b(y), the factor
+    every engine sees; `SMC` also calls it on prefixes, as the twist ψ_t = 1[prefix ok]. So it
+    must fail on every extension of a prefix where it fails (a banned token or word, a length
+    budget); then pruning a prefix loses no target mass and the weights still telescope to P/q.
+
+    >>> ba.prefix_constraint("no_two", y, lambda s: ~((s.tokens == 2) & s.mask).any(-1))
+    """
+    if not callable(holds):
+        raise ConfigError(f"prefix_constraint '{name}': holds must be a callable of Sequences")
+    return _constraint(name, holds(y), prefix_check=holds)
+
+
+def _constraint(name: str, mask: torch.Tensor, **metadata: object) -> torch.Tensor:
     mask = torch.as_tensor(mask)
     if mask.dtype != torch.bool:
         if not ((mask == 0) | (mask == 1)).all():
             raise ConfigError(f"constraint '{name}': mask must be boolean or 0/1")
         mask = mask.bool()
     zeros = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
-    return _factor(name, zeros.masked_fill(~mask, float("-inf")), kind="constraint", value=mask)
+    return _factor(name, zeros.masked_fill(~mask, float("-inf")), kind="constraint", value=mask,
+                   **metadata)
 
 
 def moment(name: str, phi: torch.Tensor, mean: float | torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,10 @@ _EXPORTS = {
     "QRSCurves": ".rejection",
     "Rejection": ".rejection",
     "SMC": ".smc",
+    "TableTwist": ".twists",
     "TrainingConfig": "bayesalign.training",
     "TrainingError": "bayesalign.errors",
+    "TwistLearning": ".twist_learning",
     "best_of_n_kl_bound": ".best_of_n",
     "best_of_n_log_law": ".best_of_n",
     "exact_reference": ".reference",
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
     from .reference import exact_reference, snis_reference
     from .rejection import QRS, QRSCurves, Rejection, qrs_estimates
     from .smc import SMC
+    from .twist_learning import TwistLearning
+    from .twists import TableTwist
 
 
 def __getattr__(name: str) -> Any:
@@ -81,8 +85,10 @@ __all__ = [
     "QRSCurves",
     "Rejection",
     "SMC",
+    "TableTwist",
     "TrainingConfig",
     "TrainingError",
+    "TwistLearning",
     "best_of_n_kl_bound",
     "best_of_n_log_law",
     "exact_reference",

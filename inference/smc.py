@@ -8,6 +8,8 @@ twist is replaced by the target's factors L(s), so γ_final = P = a·L and the i
     w_t = a(s_t | s_{<t}) ψ_t(s_{1:t}) / (ψ_{t−1}(s_{1:t−1}) q_t(s_t | s_{<t}))
 
 telescope to P(s)/q(s): the twist changes variance and when resampling fires, never the target.
+Sites declared with ``ba.prefix_constraint`` multiply ψ_t by 1[prefix ok] (``prefix_factors``):
+a prefix that can no longer meet the constraint is pruned at once instead of at its end.
 Resampling (when ESS < ``ess_threshold``·N) draws ancestors and gives every particle the mean
 weight; log Ẑ is the log of the final mean weight with that bookkeeping, unbiased in Ẑ
 (Del Moral 2004), so E[log Ẑ] ≤ log Z: the diagnostics report it as ``log_z_lower`` too,
@@ -25,13 +27,19 @@ KV cache reordered on resampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError
+from bayesalign.errors import (
+    ConfigError,
+    EmptySupportError,
+    InvalidFactorError,
+    VocabularyMismatchError,
+)
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
 from bayesalign.seeding import seeded
@@ -63,6 +71,7 @@ class _Particles:
     log_psi: torch.Tensor  # [N] log ψ of the current prefix (log L once complete)
     prior: NextToken  # a(· | s_{<t}) of each particle
     proposal: NextToken | None  # q(· | s_{<t}) when a proposal distribution is given
+    prefix_checks: dict[str, Callable] | None = None  # the target's prefix constraints, once read
 
     @classmethod
     def start(cls, num: int, prior: NextToken, proposal: NextToken | None) -> _Particles:
@@ -96,6 +105,7 @@ class SMC:
     ess_threshold: float = 0.5  # resample when ESS < ess_threshold·N (0: never, 1: every step)
     resampling: str = "systematic"  # multinomial | stratified | systematic | residual
     twist: Twist | None = None  # prefix tokens [n, t] -> log ψ_t [n]; None: ψ ≡ 1
+    prefix_factors: bool = True  # also ψ_t ·= 1[prefix ok] for the target's ba.prefix_constraint sites
     proposal: SequenceDistribution | str | None = None  # None: the prior; "twisted": q ∝ a·ψ
     final_resample: bool = False  # return an equal-weight set (resampled with `resampling`)
     seed: int | None = 0
@@ -119,6 +129,7 @@ class SMC:
             require_same_vocabulary("proposal", self.proposal, prior)
         with seeded(self.seed):
             particles = self._start(prior, context)
+            _require_twist_fits(self.twist, prior, particles.prior.length)
             log_z, history = self._run(particles, target, context, prior)
             log_weights = particles.log_w + (log_z - _log_mean_exp(particles.log_w))
             samples = particles.prior.sequences(particles.tokens, particles.mask,
@@ -146,6 +157,7 @@ class SMC:
         proposal = self.proposal if self.proposal in (None, "twisted") else type(self.proposal).__name__
         return {"num_particles": self.num_particles, "ess_threshold": self.ess_threshold,
                 "resampling": self.resampling, "twist": self.twist is not None,
+                "prefix_factors": self.prefix_factors,
                 "proposal": proposal, "final_resample": self.final_resample}
 
     def _start(self, prior: SequenceDistribution, context: Any) -> _Particles:
@@ -270,19 +282,54 @@ class SMC:
         self, particles: _Particles, tokens: torch.Tensor, mask: torch.Tensor, t: int,
         complete: torch.Tensor, owners: torch.Tensor, target: Target, context: Any,
     ) -> torch.Tensor:
-        """log L(s) for complete rows, log ψ_t(s_{1:t}) for the others (0 without a twist)."""
+        """log L(s) for complete rows, log ψ_t(s_{1:t}) for the others: the twist's plus
+        log 1[prefix ok] of the target's prefix constraints (0 without either)."""
         log_psi = torch.zeros(len(tokens), dtype=torch.float64)
         if complete.any():
             done = particles.prior.sequences(tokens[complete], mask[complete], owners[complete])
             log_psi[complete] = target.log_potential(done, context).cpu()
-        if self.twist is not None and (~complete).any():
-            log_psi[~complete] = self._checked_twist(tokens[~complete, : t + 1], t,
-                                                     owners[~complete])
+        rows = ~complete
+        if not rows.any():
+            return log_psi
+        prefixes, prefix_mask, prefix_owners = tokens[rows, : t + 1], mask[rows, : t + 1], owners[rows]
+        if self.prefix_factors:
+            log_psi[rows] += self._prefix_log_psi(particles, prefixes, prefix_mask, prefix_owners,
+                                                  t, target, context)
+        if self.twist is not None:
+            log_psi[rows] += self._checked_twist(prefixes, t, prefix_owners)
+        return log_psi
+
+    def _prefix_log_psi(
+        self, particles: _Particles, prefixes: torch.Tensor, mask: torch.Tensor,
+        owners: torch.Tensor, t: int, target: Target, context: Any,
+    ) -> torch.Tensor:
+        """``Σ log 1[holds(prefix)]`` over the target's ``ba.prefix_constraint`` sites."""
+        law = particles.prior
+        if particles.prefix_checks is None:  # read the sites once, from one prefix's trace
+            sites = target.factors(law.sequences(prefixes[:1], mask[:1], owners[:1]), context)
+            particles.prefix_checks = {name: site.metadata["prefix_check"]
+                                       for name, site in sites.items()
+                                       if "prefix_check" in site.metadata}
+        log_psi = torch.zeros(len(prefixes), dtype=torch.float64)
+        if not particles.prefix_checks:
+            return log_psi
+        sequences = law.sequences(prefixes, mask, owners)
+        for name, holds in particles.prefix_checks.items():
+            ok = torch.as_tensor(holds(sequences)).cpu()
+            if ok.shape != (len(prefixes),) or not (ok.dtype == torch.bool
+                                                    or ((ok == 0) | (ok == 1)).all()):
+                raise InvalidFactorError(
+                    f"SMC: prefix constraint '{name}' gave {tuple(ok.shape)} {ok.dtype} values at "
+                    f"step {t + 1} for {len(prefixes)} prefixes; it must give one bool (or 0/1) "
+                    "per prefix"
+                )
+            log_psi = log_psi.masked_fill(~ok.bool(), -math.inf)
         return log_psi
 
     def _checked_twist(self, prefixes: torch.Tensor, t: int, owners: torch.Tensor) -> torch.Tensor:
         """The twist's log ψ on ``prefixes``: one finite-or-−inf value per prefix."""
-        log_psi = torch.as_tensor(self.twist(prefixes))
+        with torch.no_grad():
+            log_psi = torch.as_tensor(self.twist(prefixes))
         if log_psi.shape != (len(prefixes),):
             raise InvalidFactorError(
                 f"SMC twist returned shape {tuple(log_psi.shape)} at step {t + 1} for "
@@ -306,10 +353,28 @@ def _why_zero(increment: torch.Tensor, log_psi: torch.Tensor, complete: torch.Te
     zero, dead = increment == -math.inf, log_psi == -math.inf
     reasons = {
         "completed with a factor at -inf (a violated constraint)": zero & complete & dead,
-        "reached a prefix the twist gives log ψ = -inf": zero & ~complete & dead,
+        "reached a prefix the twist or a prefix constraint gives log ψ = -inf":
+            zero & ~complete & dead,
         "drew a token of zero prior probability": zero & ~dead,
     }
     parts = [f"{int(m.sum())} particles {what}" for what, m in reasons.items() if m.any()]
     if finished:
         parts.append(f"the {finished} finished particles already had weight zero")
     return "; ".join(parts)
+
+
+def _require_twist_fits(twist: Twist | None, prior: SequenceDistribution, length: int) -> None:
+    """A twist that declares its vocabulary (a learned twist) must share the prior's, and one
+    that declares its length must cover every prefix the prior makes."""
+    if twist is None:
+        return
+    vocabulary = getattr(twist, "vocabulary_id", None)
+    if vocabulary is not None and tuple(vocabulary) != tuple(prior.vocabulary_id):
+        raise VocabularyMismatchError(
+            f"SMC: the twist's vocabulary {tuple(vocabulary)} differs from the prior's "
+            f"{tuple(prior.vocabulary_id)}; train the twist on this prior")
+    covers = getattr(twist, "max_prefix_length", None)
+    if covers is not None and covers < length - 1:
+        raise ConfigError(
+            f"SMC: the twist covers prefixes up to length {covers} but the prior makes incomplete "
+            f"prefixes up to length {length - 1}; build the twist for this prior's length")

@@ -5,6 +5,9 @@ A twist is any callable ``twist(prefixes) -> log_psi`` taking the prefix tokens 
 shape ``[n]``, finite or ``-inf`` (ψ = 0: a prefix with no future mass). `optimal_twist`
 computes the exact twist ψ*_t(s_{1:t}) = Σ_c a(c | s_{1:t}) L(s_{1:t} c) by enumeration, the
 reference under which twisted SMC returns log Ẑ = log Z exactly for any number of particles.
+A learned twist is a `PrefixTwist` module (`TableTwist` for table priors, `HiddenStateTwist`, a
+head on a `CausalLM`'s hidden states), trained by `twist_learning.TwistLearning`; it declares the
+vocabulary and prefix length it was built for, which `SMC` checks against the prior.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 import torch
 
+from bayesalign.distribution import SequenceDistribution
+from bayesalign.errors import ConfigError, VocabularyMismatchError
 from bayesalign.targets import NO_CONTEXT, Target
 
 Twist = Callable[[torch.Tensor], torch.Tensor]
@@ -44,6 +49,106 @@ def optimal_twist(target: Target, context: Any = NO_CONTEXT) -> Twist:
         return torch.tensor(values, dtype=torch.float64, device=prefixes.device)
 
     return twist
+
+
+class PrefixTwist(torch.nn.Module):
+    """A trainable twist: ``forward(prefixes [n, t]) -> log ψ_t [n]`` for one prior's tokens.
+
+    ``vocabulary_id`` and ``max_prefix_length`` are the prior's (SMC refuses a twist built for
+    another); ``history`` is the training run's, set by `TwistLearning.fit`.
+    """
+
+    recommended_optimizer: tuple[str, float] = ("adam", 1e-3)
+
+    def __init__(self, prior: SequenceDistribution, max_prefix_length: int) -> None:
+        super().__init__()
+        self.vocabulary_id = tuple(prior.vocabulary_id)
+        self.vocab_size = prior.vocab_size
+        self.max_prefix_length = max_prefix_length
+        self.history: list[dict[str, float]] = []
+
+    def all_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``log ψ_t(tokens[:, :t])`` for t = 1..T as ``[n, T]`` (CTL needs every t of a draw)."""
+        return torch.stack([self(tokens[:, :t]) for t in range(1, tokens.shape[1] + 1)], -1)
+
+    def check_prefixes(self, prefixes: torch.Tensor) -> None:
+        """Refuse prefixes this twist was not built for: too long, or tokens outside its vocabulary."""
+        t = prefixes.shape[-1]
+        if not 1 <= t <= self.max_prefix_length:
+            raise ConfigError(f"{type(self).__name__}: prefixes of length {t}; it covers lengths "
+                              f"1 to {self.max_prefix_length}")
+        if len(prefixes) and (int(prefixes.min()) < 0 or int(prefixes.max()) >= self.vocab_size):
+            bad = int(((prefixes < 0) | (prefixes >= self.vocab_size)).any(-1).nonzero()[0])
+            raise VocabularyMismatchError(
+                f"{type(self).__name__}: prefix {bad} has token ids outside its vocabulary of "
+                f"{self.vocab_size} ({prefixes[bad].tolist()})")
+
+
+class TableTwist(PrefixTwist):
+    """One free log ψ_t per prefix of a table prior (`TabularLM`, `PrefixTreeLM`): a table that
+    can hold the optimal twist exactly, so CTL on a small world can be compared with it."""
+
+    recommended_optimizer = ("adam", 0.05)
+
+    def __init__(self, prior: SequenceDistribution) -> None:
+        length = getattr(prior, "length", None)
+        if not prior.has_enumerate_support or length is None:
+            raise ConfigError(f"TableTwist: the prior is a {type(prior).__name__}; it needs a "
+                              "table prior with a fixed length (TabularLM, PrefixTreeLM)")
+        super().__init__(prior, length - 1)
+        vocab = prior.vocab_size
+        self.tables = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.zeros(vocab**t, dtype=torch.float64))
+            for t in range(1, length))
+
+    def forward(self, prefixes: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(prefixes)
+        index = torch.zeros(len(prefixes), dtype=torch.long, device=prefixes.device)
+        for t in range(prefixes.shape[-1]):
+            index = index * self.vocab_size + prefixes[:, t]
+        return self.tables[prefixes.shape[-1] - 1][index]
+
+
+class HiddenStateTwist(PrefixTwist):
+    """log ψ_t = a small MLP on the frozen prior's last hidden state at s_t (a `CausalLM`).
+
+    The prior is held outside the module's parameters, so training and checkpoints touch the
+    head only; its last layer starts at zero (ψ ≡ 1, SMC without a twist). One forward pass of
+    the prior per call (no KV cache): affordable for prefix twists under the prior's proposal,
+    not for ``proposal="twisted"``, which asks for every one-token extension.
+    """
+
+    recommended_optimizer = ("adam", 1e-3)
+
+    def __init__(self, prior: SequenceDistribution, width: int = 64) -> None:
+        if getattr(prior, "prompt", None) is not None or not hasattr(prior, "start_token_id"):
+            raise ConfigError("HiddenStateTwist: the prior must be an unconditional CausalLM "
+                              f"(no prompt), got {type(prior).__name__}")
+        super().__init__(prior, prior.max_new_tokens - 1)
+        self._prior = [prior]  # a list: not a submodule, so not trained nor checkpointed
+        hidden = prior.module.config.hidden_size
+        self.head = torch.nn.Sequential(torch.nn.Linear(hidden, width), torch.nn.Tanh(),
+                                        torch.nn.Linear(width, 1))
+        torch.nn.init.zeros_(self.head[-1].weight)
+        torch.nn.init.zeros_(self.head[-1].bias)
+
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The prior's last-layer hidden states after each token, ``[n, t, hidden]``."""
+        prior = self._prior[0]
+        start = torch.full((len(tokens), 1), prior.start_token_id, dtype=torch.long)
+        ids = torch.cat([start, tokens.cpu()], 1).to(prior.device)
+        with torch.no_grad():
+            out = prior.module(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               output_hidden_states=True)
+        return out.hidden_states[-1][:, 1:].float().to(self.head[0].weight.device)
+
+    def all_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(tokens[:, : self.max_prefix_length])
+        return self.head(self._hidden(tokens)).squeeze(-1)
+
+    def forward(self, prefixes: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(prefixes)
+        return self.head(self._hidden(prefixes)[:, -1]).squeeze(-1)
 
 
 def _log_add(a: float, b: float) -> float:
