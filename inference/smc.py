@@ -108,7 +108,7 @@ class SMC:
     prefix_factors: bool = True  # also ψ_t ·= 1[prefix ok] for the target's ba.prefix_constraint sites
     proposal: SequenceDistribution | str | None = None  # None: the prior; "twisted": q ∝ a·ψ
     final_resample: bool = False  # return an equal-weight set (resampled with `resampling`)
-    seed: int | None = 0
+    seed: int | None = 0  # seeds torch for the fit (None: the caller's RNG state)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_particles, int) or self.num_particles < 2:
