@@ -312,8 +312,8 @@ class CausalLM(SequenceDistribution):
         return state
 
     def reorder(self, state: DecodingState, index: torch.Tensor) -> DecodingState:
-        """Row ``i`` becomes row ``index[i]`` (resampling: rows may repeat or vanish), cache
-        included; updates ``state`` in place and returns it."""
+        """Row ``i`` becomes a copy of row ``index[i]`` (resampling: rows may repeat or vanish),
+        cache included; updates ``state`` in place and returns it."""
         device_index = index.to(state.logits.device)
         state.cache.reorder_cache(device_index)
         state.logits = state.logits[device_index]
