@@ -13,8 +13,8 @@ checkpointing (TRL's AdamW, our Adam; same learning rate). A step's time covers 
 scoring, backward and the optimizer, not TRL's logging between steps; TRL's step also holds a
 no-grad policy forward (its "old" log-probs for the clipped ratio) that ours does not need.
 The first step of each fit is a warm-up, excluded; a fit's figure is the median of its next
-``--steps`` steps. Fits alternate (TRL, DPG, KLRL, TRL, …) for ``--rounds`` rounds so that load
-from other jobs falls on all three alike; the table gives medians over rounds, the ratio of the
+``--steps`` steps. Fits alternate (TRL, DPG, KLRL, then KLRL, DPG, TRL, …) for ``--rounds`` rounds so
+that load from other jobs falls on all three alike; the table gives medians over rounds, the ratio of the
 medians and the median of the per-round ratios (the two agree when the load stayed steady).
 TRL is a benchmark-only dependency (``pip install trl``); it needs the policy as a saved folder,
 so the model and tokenizer are written to a temporary directory. On a shared two-core machine
@@ -163,11 +163,15 @@ def main() -> None:
         model_dir = f"{tmp}/policy"
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
+        fits = {"TRL RLOOTrainer": lambda r: trl_seconds_per_step(model_dir, args, f"{tmp}/trl-{r}"),
+                **{name: (lambda r, e=engine: ours_seconds_per_step(e(), target))
+                   for name, engine in ours.items()}}
         for r in range(args.rounds):
-            rounds["TRL RLOOTrainer"].append(statistics.median(
-                trl_seconds_per_step(model_dir, args, f"{tmp}/trl-{r}")))
-            for name, engine in ours.items():
-                rounds[name].append(statistics.median(ours_seconds_per_step(engine(), target)))
+            # Odd rounds run in reverse order, so a load that drifts during the run favours
+            # neither side.
+            for name in list(fits) if r % 2 == 0 else list(fits)[::-1]:
+                rounds[name].append(statistics.median(fits[name](r)))
+                print(f"round {r}: {name} {rounds[name][-1]:.3f} s/step", flush=True)
     report(rounds, "TRL RLOOTrainer")
 
 
