@@ -1,6 +1,6 @@
 """Seconds per policy step: our `DPG` and `KLRL(algorithm="rloo")` against TRL's `RLOOTrainer`.
 
-    python bench/policy_step_vs_trl.py --completions 64 --length 64 --steps 5 --threads 1
+    python bench/policy_step_vs_trl.py --completions 64 --length 64 --steps 5 --rounds 3 --threads 1
 
 All three train one randomly initialised GPT-2 (4 layers × 256 by default, vocabulary 2048, the
 stdlib BPE tokenizer of `bayesalign.models.tiny`) on the same reward, the fraction of whitespace
@@ -12,11 +12,14 @@ prompt, ``num_generations = per_device_train_batch_size = --completions``, fp32 
 checkpointing (TRL's AdamW, our Adam; same learning rate). A step's time covers sampling,
 scoring, backward and the optimizer, not TRL's logging between steps; TRL's step also holds a
 no-grad policy forward (its "old" log-probs for the clipped ratio) that ours does not need.
-The first step of each is a warm-up, excluded; the figure is the mean of the next ``--steps``.
+The first step of each fit is a warm-up, excluded; a fit's figure is the median of its next
+``--steps`` steps. Fits alternate (TRL, DPG, KLRL, then KLRL, DPG, TRL, …) for ``--rounds`` rounds so
+that load from other jobs falls on all three alike; the table gives medians over rounds, the ratio of the
+medians and the median of the per-round ratios (the two agree when the load stayed steady).
 TRL is a benchmark-only dependency (``pip install trl``); it needs the policy as a saved folder,
-so the model and tokenizer are written to a temporary directory. Prints seconds per step for each
-and the ratios ours / TRL. On a shared two-core machine use ``--threads 1``: with two threads
-and another job busy on one core, torch's small matmuls slow down ~1000×.
+so the model and tokenizer are written to a temporary directory. On a shared two-core machine
+use ``--threads 1``: with two threads and another job busy on one core, torch's small matmuls
+slow down ~1000×.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--completions", type=int, default=64, help="samples per step (one prompt)")
     parser.add_argument("--length", type=int, default=64, help="max new tokens per sample")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="fits of each method, alternating")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--n-head", type=int, default=4)
@@ -150,24 +154,36 @@ def main() -> None:
         f"GPT-2 {args.n_layer}L×{args.n_embd}d, vocab {len(tokenizer)}, {params / 1e6:.2f} M params; "
         f"{args.completions} completions × ≤{args.length} new tokens per step from one prompt; "
         f"kl_coef = beta = {args.kl_coef}; device {device}, {torch.get_num_threads()} threads; "
-        f"mean of {args.steps} steps after a warm-up (trl {trl.__version__})"
+        f"median of {args.steps} steps after a warm-up, {args.rounds} rounds (trl {trl.__version__})"
     )
+    ours = {"DPG (forward KL)": lambda: DPG(**shared),
+            "KLRL rloo": lambda: KLRL(algorithm="rloo", **shared)}
+    rounds: dict[str, list[float]] = {"TRL RLOOTrainer": [], **{name: [] for name in ours}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = f"{tmp}/policy"
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        baseline = trl_seconds_per_step(model_dir, args, f"{tmp}/trl")
-    times = {
-        "DPG (forward KL)": ours_seconds_per_step(DPG(**shared), target),
-        "KLRL rloo": ours_seconds_per_step(KLRL(algorithm="rloo", **shared), target),
-    }
-    trl_mean = statistics.mean(baseline)
-    print(f"{'method':<22}{'s / step':>10}{'min':>9}{'max':>9}{'ours / TRL':>12}")
-    print(f"{'TRL RLOOTrainer':<22}{trl_mean:>10.3f}{min(baseline):>9.3f}{max(baseline):>9.3f}{'':>12}")
-    for name, seconds in times.items():
-        mean = statistics.mean(seconds)
-        print(f"{name:<22}{mean:>10.3f}{min(seconds):>9.3f}{max(seconds):>9.3f}"
-              f"{mean / trl_mean:>12.2f}")
+        fits = {"TRL RLOOTrainer": lambda r: trl_seconds_per_step(model_dir, args, f"{tmp}/trl-{r}"),
+                **{name: (lambda r, e=engine: ours_seconds_per_step(e(), target))
+                   for name, engine in ours.items()}}
+        for r in range(args.rounds):
+            # Odd rounds run in reverse order, so a load that drifts during the run favours
+            # neither side.
+            for name in list(fits) if r % 2 == 0 else list(fits)[::-1]:
+                rounds[name].append(statistics.median(fits[name](r)))
+                print(f"round {r}: {name} {rounds[name][-1]:.3f} s/step", flush=True)
+    report(rounds, "TRL RLOOTrainer")
+
+
+def report(rounds: dict[str, list[float]], baseline: str) -> None:
+    """Each method's median s/step over rounds, its range, and its ratio to ``baseline``."""
+    base = statistics.median(rounds[baseline])
+    print(f"{'method':<22}{'s / step':>10}{'min':>9}{'max':>9}{'ratio of medians':>18}"
+          f"{'paired ratio':>14}   (to {baseline}, {len(rounds[baseline])} rounds)")
+    for name, values in rounds.items():
+        paired = statistics.median(v / b for v, b in zip(values, rounds[baseline]))
+        print(f"{name:<22}{statistics.median(values):>10.3f}{min(values):>9.3f}"
+              f"{max(values):>9.3f}{statistics.median(values) / base:>18.2f}{paired:>14.2f}")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,17 @@ vocabulary 2048, the stdlib BPE tokenizer of `bayesalign.models.tiny`) with a KV
 same one-token context, for exactly ``--length`` new tokens: `generate` gets
 ``min_new_tokens = max_new_tokens`` (EOS suppressed) and our loop runs every step because some
 row is always unfinished (checked). Our loop also accumulates each sample's exact log q, which
-`generate` does not. Prints tokens/s for both and the ratio ours / generate.
+`generate` does not. Runs alternate (ours, generate, ours, …) after one warm-up each, so load
+from other jobs falls on both alike; prints each one's median tokens/s over ``--repeats``, the
+ratio of the medians and the median of the per-round ratios ours / generate.
 
-    python bench/sampling_throughput.py --batch 256 --length 64 --repeats 3
+    python bench/sampling_throughput.py --batch 256 --length 64 --repeats 7 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -23,33 +26,34 @@ from bayesalign.models.causal_lm import CausalLM
 from bayesalign.models.tiny import stdlib_tokenizer, tiny_gpt2
 
 
-def best_tokens_per_second(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` throughput of each run after one warm-up each.
-
-    Runs alternate so that load from other processes on a shared machine falls on both alike,
-    and the best (least disturbed) time is kept.
-    """
+def tokens_per_second(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, list[float]]:
+    """Each run's throughput in each of ``repeats`` rounds, after one warm-up each, the runs
+    alternating within a round."""
     for run in runs.values():
         run()
-    best = dict.fromkeys(runs, 0.0)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             start = time.perf_counter()
             tokens = run()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            best[name] = max(best[name], tokens / (time.perf_counter() - start))
-    return best
+            rates[name].append(tokens / (time.perf_counter() - start))
+    return rates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--length", type=int, default=64, help="new tokens per sample")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is steadier where other jobs share the cores)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     # generate's padding warning does not apply: one real start token per row.
     transformers.logging.set_verbosity_error()
 
@@ -85,14 +89,18 @@ def main() -> None:
     print(
         f"GPT-2 4L×256d, vocab {len(tokenizer)}, {params / 1e6:.2f} M params, "
         f"batch {args.batch} × {args.length} new tokens, device {args.device}, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats} after a warm-up"
+        f"{torch.get_num_threads()} threads, medians of {args.repeats} rounds after a warm-up"
     )
     torch.manual_seed(0)
-    rates = best_tokens_per_second({"ours": ours, "generate": generate}, args.repeats)
-    ours_rate, generate_rate = rates["ours"], rates["generate"]
-    print(f"CausalLM.sample_batch : {ours_rate:10.0f} tokens/s (with exact log q)")
-    print(f"model.generate        : {generate_rate:10.0f} tokens/s")
-    print(f"ratio ours / generate : {ours_rate / generate_rate:10.2f}")
+    rates = tokens_per_second({"ours": ours, "generate": generate}, args.repeats)
+    ours_rate, generate_rate = (statistics.median(rates[name]) for name in ("ours", "generate"))
+    paired = statistics.median(o / g for o, g in zip(rates["ours"], rates["generate"]))
+    print(f"CausalLM.sample_batch : {ours_rate:10.0f} tokens/s (with exact log q), "
+          f"range {min(rates['ours']):.0f}–{max(rates['ours']):.0f}")
+    print(f"model.generate        : {generate_rate:10.0f} tokens/s, "
+          f"range {min(rates['generate']):.0f}–{max(rates['generate']):.0f}")
+    print(f"ours / generate       : {ours_rate / generate_rate:10.2f} (ratio of medians), "
+          f"{paired:.2f} (median of per-round ratios)")
 
 
 if __name__ == "__main__":

@@ -56,50 +56,36 @@ class TableSteps:
 
 
 class CausalSteps:
-    """A `CausalLM`'s next-token law for N particles: one forward pass per token, KV cache on."""
+    """A `CausalLM`'s next-token law for N particles: one forward pass per token, KV cache on
+    (`CausalLM.start` / `step` / `reorder`); a token is fed lazily, on the next ``log_probs``."""
 
     def __init__(self, lm: SequenceDistribution, num: int) -> None:
         from bayesalign.models.decoding import tokenizer_decoder
 
         self.lm, self.length = lm, lm.max_new_tokens
-        self.contexts = lm._contexts(num)
-        input_ids, self.attention = lm._encode_contexts(self.contexts)
-        lm._check_length(input_ids.shape[1], self.length)
-        with torch.no_grad():
-            self.logits, self.cache = lm._forward(input_ids, self.attention, keep=1,
-                                                  use_cache=True)
+        self.state = lm.start(num)
         self.pending: torch.Tensor | None = None  # tokens fed on the next forward pass
         self.decoder = tokenizer_decoder(lm.tokenizer, lm.eos_token_id, lm.hidden_tokens)
 
     def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
-        from bayesalign.models.adaptors import adapted_log_probs
-
         if self.pending is not None:
-            device = self.attention.device
-            self.attention = torch.cat(
-                [self.attention, self.attention.new_ones((len(self.attention), 1))], dim=1)
-            with torch.no_grad():
-                self.logits, self.cache = self.lm._forward(
-                    self.pending[:, None].to(device), self.attention, keep=1, use_cache=True,
-                    cache=self.cache)
+            self.lm.step(self.state, self.pending)
             self.pending = None
-        step = adapted_log_probs(self.logits[rows.to(self.logits.device), -1], self.lm.adaptors)
-        return step.double().cpu()
+        return self.lm.next_log_probs(self.state, rows).double().cpu()
 
     def advance(self, rows: torch.Tensor, token: torch.Tensor) -> None:
-        self.pending = torch.full((len(self.attention),), self.lm.pad_token_id, dtype=torch.long)
+        self.pending = torch.full((len(self.state.contexts),), self.lm.pad_token_id,
+                                  dtype=torch.long)
         self.pending[rows] = token
 
     def reorder(self, ancestors: torch.Tensor) -> None:
-        index = ancestors.to(self.attention.device)
-        self.cache.reorder_cache(index)
-        self.logits, self.attention = self.logits[index], self.attention[index]
+        self.lm.reorder(self.state, ancestors)
         if self.pending is not None:
             self.pending = self.pending[ancestors]
-        self.contexts = [self.contexts[i] for i in ancestors.tolist()]
 
     def sequences(self, tokens: torch.Tensor, mask: torch.Tensor, owners: torch.Tensor) -> Sequences:
-        contexts = None if self.lm.prompt is None else [self.contexts[i] for i in owners.tolist()]
+        contexts = None if self.lm.prompt is None \
+            else [self.state.contexts[i] for i in owners.tolist()]
         return Sequences(tokens=tokens, mask=mask, decoder=self.decoder, context=contexts)
 
 

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -25,12 +26,46 @@ from bayesalign.sequences import Sequences, mask_through_eos
 
 from .adaptors import Adaptor, BanTokens, adapted_log_probs, make_adaptors
 from .decoding import tokenizer_decoder
+from .kv_cache import preallocated_cache
 
 Prompt = str | list[str] | None
 # from_pretrained's dtype keyword: `dtype` since transformers 4.56 (where `torch_dtype` is
 # deprecated), `torch_dtype` before.
 _TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 _DTYPE_KEYWORD = "dtype" if _TRANSFORMERS >= (4, 56) else "torch_dtype"
+
+
+@dataclass
+class DecodingState:
+    """Where a step-by-step draw from a `CausalLM` stands, one row per sequence (`CausalLM.start`).
+
+    ``logits`` ``[n, V]`` are the next token's (before adaptors); ``attention`` has room for
+    every step, of which the first ``width`` columns are fed; ``positions`` ``[n]`` is each
+    row's next position id (its real tokens so far: prompts are left-padded).
+    """
+
+    contexts: list[str | None]
+    logits: torch.Tensor
+    cache: object
+    attention: torch.Tensor
+    width: int
+    positions: torch.Tensor
+
+
+def draw(log_probs: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``exp(log_probs)`` ``[n, V]``, by inverting each row's CDF.
+
+    One uniform per row instead of `torch.multinomial`'s one exponential per vocabulary entry
+    (14% of sampling time on CPU); the CDF is float64 so a 10⁵-token vocabulary keeps its tail.
+    A token of probability 0 (an adaptor's -inf) is never drawn: the search lands on the first
+    entry whose CDF exceeds u, and is capped at the last entry of positive probability.
+    """
+    cdf = log_probs.double().exp_().cumsum_(-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
+    token = torch.searchsorted(cdf, u, right=True)
+    last = torch.searchsorted(cdf, total)  # first entry reaching the total: the last with p > 0
+    return torch.minimum(token, last).squeeze(-1)
 
 
 class CausalLM(SequenceDistribution):
@@ -220,11 +255,12 @@ class CausalLM(SequenceDistribution):
 
     def _forward(
         self, input_ids: torch.Tensor, attention: torch.Tensor, *, keep: int,
-        use_cache: bool = False, cache=None,
+        use_cache: bool = False, cache=None, positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, object]:
         """Logits of the last ``keep`` positions and the KV cache (with ``use_cache``);
-        positions count real tokens only (left pads)."""
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        positions count real tokens only (left pads), unless given."""
+        if positions is None:
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         kw = {"logits_to_keep": keep} if self._keeps_logits else {}
         out = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions,
@@ -233,38 +269,89 @@ class CausalLM(SequenceDistribution):
         return out.logits[:, -keep:], getattr(out, self._cache_name, None)
 
     @torch.no_grad()
-    def sample_batch(self, num_samples: int) -> Sequences:
-        """Draw ``num_samples`` continuations with their exact log q (float64), KV cache on."""
-        contexts = self._contexts(num_samples)
+    def start(self, num_rows: int) -> DecodingState:
+        """Begin drawing ``num_rows`` continuations step by step (what `sample_batch` and
+        SMC's particles use): one forward pass over the rows' prompts, KV cache on.
+
+        The state's ``logits`` are the first token's; feed tokens with `step`, follow
+        resampling with `reorder`, read the next-token law with `next_log_probs`. The KV
+        cache is preallocated for ``max_new_tokens`` steps (more still works, slower).
+        Runs without gradients: a decoding state is for drawing, never differentiated.
+        """
+        contexts = self._contexts(num_rows)
         input_ids, attention = self._encode_contexts(contexts)
-        self._check_length(input_ids.shape[1], self.max_new_tokens)
-        device = input_ids.device
+        width = input_ids.shape[1]
+        self._check_length(width, self.max_new_tokens)
+        # Room for every token that will be fed: all but the last drawn.
+        room = width + self.max_new_tokens - 1
+        logits, cache = self._forward(input_ids, attention, keep=1, use_cache=True,
+                                      cache=preallocated_cache(self.model, room))
+        attention = torch.cat([attention, attention.new_ones((num_rows, room - width))], dim=1)
+        return DecodingState(contexts, logits[:, -1], cache, attention, width,
+                             attention[:, :width].sum(-1))
+
+    def next_log_probs(self, state: DecodingState, rows: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Adapted next-token log-probabilities ``[rows, V]`` (float32 or wider) of ``rows``
+        (all by default): the law each row's next token is drawn from."""
+        logits = state.logits if rows is None else state.logits[rows.to(state.logits.device)]
+        return adapted_log_probs(logits, self.adaptors)
+
+    @torch.no_grad()
+    def step(self, state: DecodingState, tokens: torch.Tensor) -> DecodingState:
+        """Feed one token per row (pad for a finished row: the batch never changes shape) and
+        set ``state.logits`` to the next token's; updates ``state`` in place and returns it."""
+        if state.width == state.attention.shape[1]:  # more steps than max_new_tokens
+            state.attention = torch.cat([state.attention, state.attention[:, -1:]], dim=1)
+        state.width += 1
+        logits, state.cache = self._forward(
+            tokens.to(state.logits.device)[:, None], state.attention[:, :state.width], keep=1,
+            use_cache=True, cache=state.cache, positions=state.positions[:, None])
+        state.logits = logits[:, -1]
+        state.positions = state.positions + 1
+        return state
+
+    def reorder(self, state: DecodingState, index: torch.Tensor) -> DecodingState:
+        """Row ``i`` becomes a copy of row ``index[i]`` (resampling: rows may repeat or vanish),
+        cache included; updates ``state`` in place and returns it."""
+        device_index = index.to(state.logits.device)
+        state.cache.reorder_cache(device_index)
+        state.logits = state.logits[device_index]
+        state.attention = state.attention[device_index]
+        state.positions = state.positions[device_index]
+        state.contexts = [state.contexts[i] for i in index.tolist()]
+        return state
+
+    @torch.no_grad()
+    def sample_batch(self, num_samples: int) -> Sequences:
+        """Draw ``num_samples`` continuations with their exact log q (float64), KV cache on.
+
+        Each step's log-probabilities are computed once and serve both the draw and log q;
+        the loop stops as soon as every row has emitted EOS.
+        """
+        state = self.start(num_samples)
+        device = state.logits.device
         finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
         log_q = torch.zeros(num_samples, dtype=torch.float64, device=device)
-        steps: list[torch.Tensor] = []
-        logits, cache = self._forward(input_ids, attention, keep=1, use_cache=True)
+        tokens = torch.full((num_samples, self.max_new_tokens), self.pad_token_id,
+                            dtype=torch.long, device=device)
         for step in range(self.max_new_tokens):
-            log_probs = adapted_log_probs(logits[:, -1], self.adaptors)
-            token = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
+            log_probs = self.next_log_probs(state)
+            token = draw(log_probs)
             step_log_q = log_probs.gather(-1, token[:, None]).squeeze(-1)
-            log_q += torch.where(finished, 0.0, step_log_q.double())
-            token = torch.where(finished, self.pad_token_id, token)
-            steps.append(token)
+            log_q += step_log_q.double().masked_fill_(finished, 0.0)
+            token.masked_fill_(finished, self.pad_token_id)
+            tokens[:, step] = token
             if self.eos_token_id is not None:
                 finished |= token == self.eos_token_id
             if step == self.max_new_tokens - 1 or bool(finished.all()):
                 break
-            attention = torch.cat([attention, attention.new_ones((num_samples, 1))], dim=1)
-            # Every row stays in the batch (finished ones are fed pad), so the cache needs no
-            # reordering or row selection between steps.
-            logits, cache = self._forward(
-                token[:, None], attention, keep=1, use_cache=True, cache=cache
-            )
-        tokens = torch.stack(steps, dim=1)
+            self.step(state, token)
+        tokens = tokens[:, :step + 1]
         return Sequences(
             tokens=tokens,
             mask=mask_through_eos(tokens, self.eos_token_id),
-            context=None if self.prompt is None else contexts,
+            context=None if self.prompt is None else state.contexts,
             log_q=log_q,
             decoder=tokenizer_decoder(self.tokenizer, self.eos_token_id, self.hidden_tokens),
         )

@@ -14,7 +14,7 @@ from transformers import GPT2LMHeadModel
 
 from bayesalign.errors import ConfigError, VocabularyMismatchError
 from bayesalign.models.adaptors import BanTokens
-from bayesalign.models.causal_lm import CausalLM
+from bayesalign.models.causal_lm import CausalLM, draw
 from bayesalign.models.tiny import stdlib_tokenizer, tiny_causal_lm, tiny_gpt2
 from bayesalign.sequences import Sequences
 
@@ -330,3 +330,41 @@ def test_vocabulary_properties(lm: CausalLM) -> None:
     assert lm.adapted(top_k=3).vocabulary_id == lm.vocabulary_id
     other = tiny_causal_lm(vocab_size=300)
     assert other.vocabulary_id != lm.vocabulary_id
+
+
+def test_draw_follows_the_law_and_never_picks_a_removed_token() -> None:
+    """Inverse-CDF draws: frequencies match exp(log p) within 4 se, -inf entries (an adaptor's
+    removals, first and last included) are never drawn."""
+    torch.manual_seed(16)
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    log_probs = probs.log().expand(40_000, -1)
+    tokens = draw(log_probs)
+    observed = torch.bincount(tokens, minlength=len(probs)).double() / len(tokens)
+    assert (observed[probs == 0] == 0).all()
+    se = (probs * (1 - probs) / len(tokens)).sqrt().double()
+    assert ((observed - probs.double()).abs() <= 4 * se + 1e-12).all()
+
+
+def test_stepping_api_follows_reordering_and_runs_past_max_new_tokens(lm: CausalLM) -> None:
+    """start/step/reorder (SMC's particles): after resampling rows and stepping beyond
+    max_new_tokens (the preallocated cache grows), each row's next-token law equals one
+    uncached forward pass over its own prompt and tokens."""
+    torch.manual_seed(17)
+    prompted = lm.given(PROMPTS)
+    state = prompted.start(4)
+    fed: list[list[int]] = [[] for _ in range(4)]
+    steps = lm.max_new_tokens + 3
+    for t in range(steps):
+        token = draw(prompted.next_log_probs(state))
+        prompted.step(state, token)
+        fed = [row + [int(x)] for row, x in zip(fed, token)]
+        if t == 2:
+            index = torch.tensor([2, 2, 0, 3])
+            prompted.reorder(state, index)
+            fed = [list(fed[i]) for i in index.tolist()]
+    assert state.contexts == [PROMPTS[i] for i in (2, 2, 0, 3)]
+    for i, (context, row) in enumerate(zip(state.contexts, fed)):
+        ids = torch.tensor(list(lm.tokenizer(context)["input_ids"]) + row)[None]
+        logits = lm.model(input_ids=ids).logits[0, -1]
+        torch.testing.assert_close(prompted.next_log_probs(state, torch.tensor([i]))[0],
+                                   torch.log_softmax(logits, -1), atol=1e-4, rtol=0)
