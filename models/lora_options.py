@@ -1,0 +1,41 @@
+"""What a LoRA policy (models/lora.py) needs known without loading peft or transformers: its
+options, and which weights a forward of a `CausalLM`'s model uses once LoRA policies adapted it
+(the base ones, `base_forward`, so the prior still computes log a exactly)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+from torch import nn
+
+from bayesalign.errors import ConfigError, require_positive
+
+PEFT_OWNER = "_bayesalign_peft"  # on a base model: the PeftModel owning the adapters injected into it
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """A policy engine's ``lora=``: train ΔW = (α/r)·B·A on these modules instead of W."""
+
+    rank: int = 8  # r, the adapters' rank
+    alpha: float = 16.0  # α; the update is scaled by α / r
+    target_modules: tuple[str, ...] | None = None  # module names to adapt; None: peft's default
+
+    def __post_init__(self) -> None:
+        require_positive("lora rank", self.rank)
+        require_positive("lora alpha", self.alpha)
+        if self.target_modules is not None:
+            names = (self.target_modules,) if isinstance(self.target_modules, str) \
+                else tuple(self.target_modules)
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"lora target_modules must be module names, got "
+                                  f"{self.target_modules!r}")
+            object.__setattr__(self, "target_modules", names)
+
+
+def base_forward(model: nn.Module) -> AbstractContextManager:
+    """The context a forward of ``model`` as the prior runs in: peft's ``disable_adapter()`` if
+    a LoRA policy injected adapters into it, else nothing."""
+    owner = model.__dict__.get(PEFT_OWNER)
+    return nullcontext() if owner is None else owner.disable_adapter()
