@@ -66,7 +66,9 @@ class PolicyEngineConfig(TrainingConfig):
                                   "(deprecated): give them to fit only")
             contexts = self.contexts
         contexts = [context] if contexts is None else context_list(contexts)
-        return contexts, make_policy(target, contexts[0], self.policy, self.lora)
+        with seeded(self.seed):  # LoRA's A is drawn at random: the same on every run
+            policy = make_policy(target, contexts[0], self.policy, self.lora)
+        return contexts, policy
 
 
 def _lora_options(value: Any) -> LoraOptions:

@@ -115,12 +115,22 @@ def lora_policy(base: SequenceDistribution, options: LoraOptions) -> LoraCausalL
 
 
 def _adaptable(model: nn.Module) -> dict[str, type]:
-    """Leaf names of the modules peft's LoRA can adapt, with their types."""
+    """Leaf names of the modules peft's LoRA can adapt, with their types; a layer an earlier
+    LoRA policy adapted counts as the module it wraps (its own parts are not offered)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.pytorch_utils import Conv1D
 
     kinds = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D)
-    return {name.rsplit(".", 1)[-1]: type(module) for name, module in model.named_modules()
-            if name and isinstance(module, kinds)}
+    found, adapted = {}, []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in adapted):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            adapted.append(name + ".")
+            module = module.get_base_layer()
+        if isinstance(module, kinds):
+            found[name.rsplit(".", 1)[-1]] = type(module)
+    return found
 
 
 def _peft_config(model: nn.Module, options: LoraOptions):
