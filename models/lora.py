@@ -3,7 +3,8 @@ prior's own model, and log a is that model's forward with the adapters disabled,
 one copy of the base weights.
 
 Injection mutates the base model in place (its linear layers become peft LoRA layers). Every
-`CausalLM` holding that base model runs it under peft's ``disable_adapter()`` (`base_forward`),
+`CausalLM` holding that base model runs it with them disabled (`base_forward`, what peft's
+``disable_adapter()`` does),
 so the prior, a proposal or any other view of it still computes a exactly; only the
 `LoraCausalLM` that owns an adapter runs with it. B starts at zero (peft's default), so π = a
 at step 0. Several fits on one prior each get their own adapter on the same base.
@@ -22,7 +23,7 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError
 
 from .causal_lm import CausalLM
-from .lora_options import PEFT_OWNER, LoraOptions
+from .lora_options import ADAPTED_LAYERS, PEFT_OWNER, LoraOptions
 
 
 class AdapterWeights(nn.Module):
@@ -105,11 +106,15 @@ def lora_policy(base: SequenceDistribution, options: LoraOptions) -> LoraCausalL
 
             adapter = "default"
             owner = get_peft_model(base.model, config, adapter_name=adapter)
-            base.model.__dict__[PEFT_OWNER] = owner  # not a submodule: no cycle in the modules
+            base.model.__dict__[PEFT_OWNER] = owner
         else:
             adapter = f"policy{len(owner.peft_config)}"
             owner.add_adapter(adapter, config)
     owner.set_adapter(adapter)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base.model.__dict__[ADAPTED_LAYERS] = [m for m in base.model.modules()
+                                           if isinstance(m, BaseTunerLayer)]
     return LoraCausalLM.over(base, model=owner, adapter=adapter,
                              adapter_weights=AdapterWeights(owner, adapter))
 

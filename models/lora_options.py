@@ -4,14 +4,18 @@ options, and which weights a forward of a `CausalLM`'s model uses once LoRA poli
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
 
 from bayesalign.errors import ConfigError, require_positive
 
-PEFT_OWNER = "_bayesalign_peft"  # on a base model: the PeftModel owning the adapters injected into it
+# On a base model that LoRA policies adapted: the PeftModel owning the adapters, and its LoRA
+# layers (kept in __dict__, not as submodules: no cycle in the module tree).
+PEFT_OWNER = "_bayesalign_peft"
+ADAPTED_LAYERS = "_bayesalign_lora_layers"
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,19 @@ class LoraOptions:
             object.__setattr__(self, "target_modules", names)
 
 
-def base_forward(model: nn.Module) -> AbstractContextManager:
-    """The context a forward of ``model`` as the prior runs in: peft's ``disable_adapter()`` if
-    a LoRA policy injected adapters into it, else nothing."""
-    owner = model.__dict__.get(PEFT_OWNER)
-    return nullcontext() if owner is None else owner.disable_adapter()
+@contextmanager
+def base_forward(model: nn.Module) -> Iterator[None]:
+    """Run a forward of ``model`` as the prior: with the LoRA adapters that policies injected
+    into it disabled (what peft's ``PeftModel.disable_adapter()`` does for LoRA, without its
+    walk over every module at each call: the sampling loop calls this once per token)."""
+    layers = model.__dict__.get(ADAPTED_LAYERS)
+    if not layers:
+        yield
+        return
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
