@@ -15,10 +15,9 @@ from safetensors.torch import load_file
 
 import bayesalign as ba
 from bayesalign.errors import ConfigError
-from bayesalign.inference import DPG, KLRL
+from bayesalign.inference import DPG, KLRL, LoraOptions
 from bayesalign.models import CausalLM, TabularLM
 from bayesalign.models.lora import LoraCausalLM, lora_policy
-from bayesalign.models.lora_options import LoraOptions
 from bayesalign.models.tiny import tiny_causal_lm
 from bayesalign.posterior import Posterior
 from bayesalign.training.strategy import trainable_parameters
@@ -52,8 +51,9 @@ def untouched_log_prob(world) -> torch.Tensor:
     return prior._replace(model=untouched).log_prob(y)
 
 
-@pytest.mark.parametrize("engine", [DPG, lambda **kw: KLRL(algorithm="rloo", **kw)],
-                         ids=["dpg", "rloo"])
+@pytest.mark.parametrize("engine", [DPG, lambda **kw: KLRL(algorithm="rloo", **kw),
+                                    lambda **kw: KLRL(algorithm="ppo", ppo_epochs=2, **kw)],
+                         ids=["dpg", "rloo", "ppo"])
 def test_training_moves_pi_but_not_a_on_one_copy_of_the_base(world, engine):
     prior, untouched, target, y, log_a = world
     base_storages = {p.data_ptr() for p in prior.model.parameters()}
