@@ -7,9 +7,9 @@ Both fit the same pointwise target (the text contains "return", SPEC §1.2) with
 the same batch, length and seed; the full run trains a deep copy of the prior (two copies of
 the base weights plus Adam's two moments over all of them), the LoRA run trains rank-``--rank``
 adapters on the prior's own model. The first step is a warm-up, excluded; the figure is the
-mean of the others. Peak memory is the process' ``ru_maxrss`` (on CPU) or torch's peak
-allocation (on a GPU), read before the fit (model loaded) and after it. Prints both runs and
-the ratios LoRA / full.
+mean of the others; ``--rounds`` runs of each, in ABBA order, are averaged. Peak memory is the
+process' ``ru_maxrss`` (on CPU) or torch's peak allocation (on a GPU), read before the fit
+(model loaded) and after it. Prints every run, the means and the ratios LoRA / full.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def run_one(args: argparse.Namespace) -> dict:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
     before = peak_mb()
+    base_parameters = sum(p.numel() for p in prior.model.parameters())
     lora = LoraOptions(rank=args.rank) if args.mode == "lora" else None
     post = DPG(steps=args.steps, batch_size=args.batch_size, learning_rate=1e-4, eval_samples=64,
                progress=False, seed=0, lora=lora, divergence_action="off").fit(has_return)
@@ -54,7 +55,7 @@ def run_one(args: argparse.Namespace) -> dict:
     return {"mode": args.mode, "seconds_per_step": statistics.mean(
                 r["seconds"] for r in post.history[1:]),
             "peak_mb_before_fit": before, "peak_mb": peak_mb(), "trainable_parameters": trainable,
-            "base_parameters": sum(p.numel() for p in prior.model.parameters())}
+            "base_parameters": base_parameters}
 
 
 def main() -> None:
@@ -64,29 +65,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--mode", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(run_one(args)))
         return
-    rows = {}
-    for mode in ("full", "lora"):
-        command = [sys.executable, __file__, "--mode", mode] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "mode"]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows[mode] = json.loads(out.strip().splitlines()[-1])
-        print(json.dumps(rows[mode]))
-    full, lora = rows["full"], rows["lora"]
-    grown = {m: rows[m]["peak_mb"] - rows[m]["peak_mb_before_fit"] for m in rows}
+    runs: dict[str, list[dict]] = {"full": [], "lora": []}
+    for round_index in range(args.rounds):  # ABBA order, so a change in load hits both alike
+        for mode in ("full", "lora") if round_index % 2 == 0 else ("lora", "full"):
+            command = [sys.executable, __file__, "--mode", mode] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "mode"]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(runs[mode][-1]))
+    mean = {mode: {key: statistics.mean(r[key] for r in rows) for key in rows[0] if key != "mode"}
+            for mode, rows in runs.items()}
+    full, lora = mean["full"], mean["lora"]
     ratio = lora["seconds_per_step"] / full["seconds_per_step"]
+    grown = {m: mean[m]["peak_mb"] - mean[m]["peak_mb_before_fit"] for m in mean}
+    print(f"means over {args.rounds} runs each:")
     print(f"seconds per DPG step: full {full['seconds_per_step']:.3f}, LoRA "
           f"{lora['seconds_per_step']:.3f} (LoRA / full {ratio:.2f})")
     print(f"peak memory: full {full['peak_mb']:.0f} MB, LoRA {lora['peak_mb']:.0f} MB "
           f"(LoRA / full {lora['peak_mb'] / full['peak_mb']:.2f}); grown during the fit: full "
           f"{grown['full']:.0f} MB, LoRA {grown['lora']:.0f} MB")
-    print(f"trainable parameters: full {full['trainable_parameters']:,}, LoRA "
-          f"{lora['trainable_parameters']:,} (base {full['base_parameters']:,})")
-
+    print(f"trainable parameters: full {full['trainable_parameters']:,.0f}, LoRA "
+          f"{lora['trainable_parameters']:,.0f} (base {full['base_parameters']:,.0f})")
 
 if __name__ == "__main__":
     main()
