@@ -17,6 +17,7 @@ _EXPORTS = {
     "Exact": ".exact",
     "Importance": ".importance",
     "KLRL": ".klrl",
+    "LoraOptions": "bayesalign.models.lora_options",
     "MomentFit": ".moments",
     "Pretraining": ".pretraining",
     "QRS": ".rejection",
@@ -40,6 +41,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from bayesalign.errors import TrainingError
+    from bayesalign.models.lora_options import LoraOptions
     from bayesalign.training import TrainingConfig, history_to_arviz, history_to_csv
 
     from .base import Engine
@@ -79,6 +81,7 @@ __all__ = [
     "Exact",
     "Importance",
     "KLRL",
+    "LoraOptions",
     "MomentFit",
     "Pretraining",
     "QRS",

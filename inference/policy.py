@@ -7,7 +7,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -24,6 +24,9 @@ from bayesalign.training.processes import from_first_process
 
 from .base import require_same_vocabulary
 
+if TYPE_CHECKING:  # bayesalign.models loads transformers, which a TabularLM fit never needs
+    from bayesalign.models.lora_options import LoraOptions
+
 
 @dataclass
 class PolicyEngineConfig(TrainingConfig):
@@ -35,9 +38,12 @@ class PolicyEngineConfig(TrainingConfig):
     contexts_per_step: int = 4  # contexts drawn per step; the batch is split between them
     policy: SequenceDistribution | None = None  # defaults to a trainable copy of the prior
     eval_samples: int = 4096  # draws for the final diagnostics (exact when enumerable)
+    lora: LoraOptions | dict | None = None  # train LoRA adapters on the policy's model (CausalLM)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.lora is not None:
+            self.lora = _lora_options(self.lora)
         require_positive("contexts_per_step", self.contexts_per_step)
         require_positive("eval_samples", self.eval_samples)
         if self.contexts is not None:
@@ -61,7 +67,25 @@ class PolicyEngineConfig(TrainingConfig):
                                   "(deprecated): give them to fit only")
             contexts = self.contexts
         contexts = [context] if contexts is None else context_list(contexts)
-        return contexts, make_policy(target, contexts[0], self.policy)
+        with seeded(self.seed):  # LoRA's A is drawn at random: the same on every run
+            policy = make_policy(target, contexts[0], self.policy, self.lora)
+        return contexts, policy
+
+
+def _lora_options(value: Any) -> LoraOptions:
+    """``lora=``: `LoraOptions`, or a dict of its fields (from a YAML or JSON config)."""
+    from bayesalign.models.lora_options import LoraOptions
+
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(LoraOptions.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"lora got unknown options {unknown}; LoraOptions has "
+                              f"{list(LoraOptions.__dataclass_fields__)}")
+        return LoraOptions(**value)
+    if not isinstance(value, LoraOptions):
+        raise ConfigError(f"lora must be LoraOptions(...), a dict of its fields or None, got "
+                          f"{value!r}")
+    return value
 
 
 LOSS_NORMALISATIONS = ("sequence", "token")
@@ -97,13 +121,17 @@ def require_same_contexts(saved: str, here: str) -> None:
                           "use a new checkpoint_dir or the same contexts")
 
 
-def make_policy(target: Target, context: Any, policy: SequenceDistribution | None):
-    """The policy to train: a trainable copy of the prior unless one is given (checked)."""
+def make_policy(target: Target, context: Any, policy: SequenceDistribution | None,
+                lora: LoraOptions | None = None):
+    """The policy to train: a trainable copy of the prior unless one is given (checked); with
+    ``lora``, new LoRA adapters on that model instead of a copy (one base in memory)."""
     prior = target.prior(context)
+    if lora is not None:
+        from bayesalign.models.lora import lora_policy  # loads transformers and peft
     if policy is None:
-        return prior.trainable_copy()
+        return prior.trainable_copy() if lora is None else lora_policy(prior, lora)
     require_same_vocabulary("policy", policy, prior)
-    return policy
+    return policy if lora is None else lora_policy(policy, lora)
 
 
 @dataclass

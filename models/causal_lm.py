@@ -27,6 +27,7 @@ from bayesalign.sequences import Sequences, mask_through_eos
 from .adaptors import Adaptor, BanTokens, adapted_log_probs, make_adaptors
 from .decoding import tokenizer_decoder
 from .kv_cache import preallocated_cache
+from .lora_options import base_forward
 
 Prompt = str | list[str] | None
 # from_pretrained's dtype keyword: `dtype` since transformers 4.56 (where `torch_dtype` is
@@ -262,10 +263,11 @@ class CausalLM(SequenceDistribution):
         if positions is None:
             positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         kw = {"logits_to_keep": keep} if self._keeps_logits else {}
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions,
-            use_cache=use_cache, **{self._cache_name: cache}, **kw,
-        )
+        with base_forward(self.model):  # a base that LoRA policies adapt runs without them
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                use_cache=use_cache, **{self._cache_name: cache}, **kw,
+            )
         return out.logits[:, -keep:], getattr(out, self._cache_name, None)
 
     @torch.no_grad()
