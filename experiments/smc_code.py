@@ -58,7 +58,9 @@ class Sizes:
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
             return cls(6, 16, 2, 128, 0.1, 4, 8)
-        return cls(32, 64, 10, 2048, 0.02, 20, 32)
+        # What ran on 2 loaded CPU cores (docs/experiments.md); on a GPU use e.g.
+        # Sizes(32, 64, 10, 2048, 0.02, 100, 32) for the 100× reference.
+        return cls(16, 32, 5, 512, 0.02, 10, 16)
 
 
 def load_prior(quick: bool, new_tokens: int) -> CausalLM:
