@@ -26,8 +26,10 @@ from bayesalign.evaluation import evaluate_policy
 from bayesalign.inference import DPG
 from bayesalign.inference.reference import exact_reference
 from bayesalign.models import CausalLM
+from bayesalign.reference import EXACT, Reference
+from bayesalign.sequences import Sequences
 
-CONFIGS = [(1, False), (2, False), (4, False), (1, True), (2, True), (4, True)]
+CONFIGS = [(1, False), (2, False), (1, True), (4, False), (2, True), (4, True)]
 
 
 def has_return_target(prior: CausalLM) -> ba.Target:
@@ -47,7 +49,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--replay-size", type=int, default=512)
     parser.add_argument("--reference-samples", type=int, default=600)
+    parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--reference-cache", required=True,
+                        help="the pool's tensors; built once, shared by every seed's process")
     parser.add_argument("--configs", default="all", help="e.g. 1:0,2:0 (updates:replay)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -56,8 +61,7 @@ def main() -> None:
     prior = CausalLM.from_pretrained("bundled:code-small", max_new_tokens=32)
     target = has_return_target(prior)
     started = time.perf_counter()
-    reference = exact_reference(target, bound=1.0, num_samples=args.reference_samples,
-                                chunk_size=256, seed=5)
+    reference = cached_reference(target, args.reference_samples, Path(args.reference_cache))
     results["reference"] = {"log_z": reference.log_z, "log_z_se": reference.log_z_se,
                             "kl_target_prior": -reference.log_z, "method": reference.method,
                             "seconds": time.perf_counter() - started}
@@ -74,7 +78,7 @@ def main() -> None:
         run["points"] = []
         folder = Path(tempfile.mkdtemp(prefix=f"dpg_reuse_{name}_"))
         torch.manual_seed(1000 + args.seed)
-        d = evaluate_policy(target, prior, reference, eval_samples=256)
+        d = evaluate_policy(target, prior, reference, eval_samples=args.eval_samples)
         run["points"].append(_point(0, 0, d, {}))
         every_steps = args.every // fresh_per_cycle * updates
         steps = args.samples // fresh_per_cycle * updates
@@ -94,7 +98,7 @@ def main() -> None:
                                              for k in result.missing_keys):
                 raise RuntimeError(f"{checkpoint}: weights do not match the policy: {result}")
             torch.manual_seed(2000 + args.seed)
-            d = evaluate_policy(target, policy, reference, eval_samples=256)
+            d = evaluate_policy(target, policy, reference, eval_samples=args.eval_samples)
             rows = post.history[max(0, done - every_steps):done]
             clipped = [r["clipped_fraction"] for r in rows if "clipped_fraction" in r]
             stats = {"clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
@@ -104,6 +108,29 @@ def main() -> None:
         run["samples_drawn_engine"] = post.extras["samples_drawn"]
         out.write_text(json.dumps(results, indent=1))
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def cached_reference(target: ba.Target, num_samples: int, cache: Path) -> Reference:
+    """The exact reference pool, built once (by Rejection) and reloaded by every process."""
+    lock = cache.with_suffix(".building")
+    try:
+        lock.touch(exist_ok=False)
+        reference = exact_reference(target, bound=1.0, num_samples=num_samples, chunk_size=256,
+                                    seed=5)
+        torch.save({"tokens": reference.samples.tokens, "mask": reference.samples.mask,
+                    "log_score": reference.log_score, "log_z": reference.log_z,
+                    "log_z_se": reference.log_z_se, "method": reference.method,
+                    "num_proposed": reference.num_proposed}, cache)
+        return reference
+    except FileExistsError:
+        while not cache.exists():
+            time.sleep(10)
+        time.sleep(5)
+    saved = torch.load(cache)
+    return Reference(samples=Sequences(saved["tokens"], saved["mask"]),
+                     log_score=saved["log_score"], log_z=saved["log_z"],
+                     log_z_se=saved["log_z_se"], kind=EXACT, target=target,
+                     method=saved["method"], num_proposed=saved["num_proposed"])
 
 
 def _point(samples: int, steps: int, d, stats: dict) -> dict:
