@@ -267,7 +267,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
                 loss, info, log_pi = self._loss(conditional, batch, log_z, state,
                                                 measured=len(fresh.y))
                 if self.updates_per_batch > 1:
-                    held.append(HeldBatch(c, StoredDraws.of(batch), log_pi.cpu()))
+                    held.append(HeldBatch(c, StoredDraws.of(batch), log_pi.cpu(), len(fresh.y)))
                 losses.append(loss)
                 metrics.append({**info, "fresh_samples": float(len(fresh.y)),
                                 "batch_update": 0.0})
@@ -312,7 +312,8 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
             log_z = state.log_z(key)
             loss, info, _ = self._loss(policy.given(batch_held.context), batch,
                                        log_z if math.isfinite(log_z) else 0.0, state,
-                                       log_old=batch_held.log_old.to(device))
+                                       log_old=batch_held.log_old.to(device),
+                                       measured=batch_held.fresh)
             losses.append(loss)
             metrics.append({**info, "fresh_samples": 0.0,
                             "batch_update": float(batch_held.updates)})

@@ -81,12 +81,14 @@ class StoredDraws:
 
 @dataclass
 class HeldBatch:
-    """A step's batch kept for the next updates: the draws, log π_old (the policy at the first
-    update, against which later updates' ratios are clipped) and how many updates used it."""
+    """A step's batch kept for the next updates: the draws (the first ``fresh`` rows drawn at
+    that step, the rest replayed), log π_old (the policy at the first update, against which later
+    updates' ratios are clipped) and how many updates used it."""
 
     context: Any
     draws: StoredDraws
     log_old: torch.Tensor
+    fresh: int
     updates: int = 1
 
 
