@@ -15,6 +15,16 @@ LM losses average per token: long sequences then no longer dominate the step (th
 scale stops growing with length), at the price of a gradient that is no longer the objective's
 when lengths differ (its fixed point need not be p). With equal lengths it is the "sequence"
 loss divided by the length, i.e. a smaller learning rate. Divergence detection: `divergence`.
+
+Reusing draws (`replay`): each weight is P/q under the q that drew the sample (its log q is
+stored at draw time), so a draw is a valid sample for the gradient at any later θ. With
+``updates_per_batch`` = K a batch drawn at one step serves the next K optimizer steps; with
+``ratio_clip`` = ε a later update drops the term of a sample whose ratio π_θ/π_old (π_old: the
+policy at the batch's first update) has left [1 − ε, 1 + ε] in the direction the term pushes it,
+as PPO clips, so the updates stay near the policy that drew the batch. With ``replay_size`` the
+last draws of each context are pooled and each batch takes ``replay_fraction`` of its rows from
+the pool (uniformly) and the rest fresh; Ẑ and the divergence monitor see the fresh draws only,
+each once.
 """
 
 from __future__ import annotations
@@ -46,6 +56,14 @@ from .policy import (
     require_same_contexts,
     score_batch,
 )
+from .replay import (
+    HeldBatch,
+    ReplayPool,
+    StoredDraws,
+    available_memory,
+    max_length,
+    require_pool_fits,
+)
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
 MAX_LOG_RATIO = 50.0
@@ -63,6 +81,15 @@ def f_prime(divergence: str, log_t: torch.Tensor) -> torch.Tensor:
     # JS: f(t) = ½[t log t − (1 + t) log((1 + t)/2)], f'(t) = ½ log(2t/(1 + t)),
     # written with softplus(−log t) so t = inf (p = 0) gives the finite limit ½ log 2.
     return 0.5 * (math.log(2) - F.softplus(-log_t))
+
+
+def clip_mask(coefficient: torch.Tensor, log_ratio: torch.Tensor, clip: float) -> torch.Tensor:
+    """1 where a term of the loss coefficient·log π keeps its gradient, 0 where PPO's clip drops
+    it: the term pushes log π up (coefficient < 0) and π/π_old > 1 + ε already, or down and
+    π/π_old < 1 − ε (``log_ratio`` = log π − log π_old)."""
+    ratio = torch.exp(log_ratio)
+    dropped = ((coefficient < 0) & (ratio > 1 + clip)) | ((coefficient > 0) & (ratio < 1 - clip))
+    return (~dropped).to(coefficient.dtype)
 
 
 class Proposal:
@@ -87,8 +114,9 @@ class Proposal:
 @dataclass
 class DPGState:
     """What a DPG run checkpoints besides the policy: which contexts it trains on, the running
-    log Ẑ_c, the f-DPG baseline b, the off-policy proposal (None on-policy) and the divergence
-    monitor's state."""
+    log Ẑ_c, the f-DPG baseline b, the off-policy proposal (None on-policy), the divergence
+    monitor's state, the replay pool (None without one), the batches held for the next updates
+    (per micro-batch index) and how many samples were drawn."""
 
     contexts: str  # `contexts_digest` of the training contexts
     baseline: float  # b of §2.3: E_π f' = −1 for forward KL; a running mean of f' otherwise
@@ -96,6 +124,9 @@ class DPGState:
     log_sum: dict[str, float] = field(default_factory=dict)  # per context: log Σ of all weights
     count: dict[str, int] = field(default_factory=dict)  # per context: how many weights
     divergence: DivergenceState = field(default_factory=DivergenceState)
+    pool: ReplayPool | None = None
+    held: dict[int, list[HeldBatch]] = field(default_factory=dict)
+    samples_drawn: int = 0  # fresh training draws, all processes (proposal checks excluded)
 
     def update_log_z(self, key: str, log_w: torch.Tensor) -> float:
         """Pool a batch's weights into the running mean Ẑ_c over all steps (§2.2)."""
@@ -108,12 +139,19 @@ class DPGState:
     def log_z(self, key: str) -> float:
         return self.log_sum[key] - math.log(self.count[key])
 
+    def reused(self, micro_step: int, updates_per_batch: int) -> list[HeldBatch] | None:
+        """The batches this micro-batch index reuses, None when a fresh draw is due."""
+        held = self.held.get(micro_step)
+        return held if held and held[0].updates < updates_per_batch else None
+
     def state_dict(self) -> dict:
         proposal = self.proposal
         copy = proposal.copy.module.state_dict() if proposal and proposal.copy else None
         return {"contexts": self.contexts, "baseline": self.baseline, "log_sum": dict(self.log_sum),
                 "count": dict(self.count), "swaps": proposal.swaps if proposal else 0,
-                "proposal": copy, "divergence": self.divergence.state_dict()}
+                "proposal": copy, "divergence": self.divergence.state_dict(),
+                "pool": None if self.pool is None else self.pool.state_dict(),
+                "held": self.held, "samples_drawn": self.samples_drawn}
 
     def load_state_dict(self, state: dict) -> None:
         require_same_contexts(state["contexts"], self.contexts)
@@ -123,6 +161,11 @@ class DPGState:
                               "checkpoint_dir")
         self.divergence.load_state_dict(state["divergence"])
         self.baseline, self.log_sum, self.count = state["baseline"], state["log_sum"], state["count"]
+        # Checkpoints from before draws were reused hold none: nothing is held or pooled yet.
+        self.held = state.get("held", {})
+        self.samples_drawn = state.get("samples_drawn", 0)
+        if self.pool is not None and state.get("pool") is not None:
+            self.pool.load_state_dict(state["pool"])
         if self.proposal is not None:
             if state["proposal"] is not None:
                 self.proposal.swap()
@@ -134,8 +177,12 @@ class DPGState:
 class DPG(PolicyEngineConfig, DivergenceOptions):
     """DPG and its family; a conditional target fitted over several ``contexts`` gives CDPG."""
 
+    # A draw's weight uses its stored log q whatever these say, so a resume may change them:
+    # a held batch is reused until it has served updates_per_batch updates, a smaller pool keeps
+    # its newest draws, a new one starts empty.
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
-        *PolicyEngineConfig.RESUMABLE_CHANGES, "proposal", *DivergenceOptions.RESUMABLE_CHANGES)
+        *PolicyEngineConfig.RESUMABLE_CHANGES, "proposal", *DivergenceOptions.RESUMABLE_CHANGES,
+        "updates_per_batch", "ratio_clip", "replay_size", "replay_fraction")
 
     divergence: str = "kl"  # f-divergence D_f(π‖p): kl (= forward KL(p‖π)), reverse_kl, tv, js
     baseline: bool = False  # forward KL: the exact Ẑ baseline; others: running mean of f'
@@ -145,6 +192,10 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
     proposal_update_samples: int = 512  # fresh draws from q for each KL check
     per_context_z: bool = True  # CDPG's Ẑ_c; False is the single-global-Z ablation
     loss_normalisation: str = "sequence"  # "sequence": weight·log π; "token": log π / length
+    updates_per_batch: int = 1  # optimizer steps on each batch of draws (weights P/q_draw)
+    ratio_clip: float | None = 0.2  # later updates drop terms whose π/π_old left 1 ± this
+    replay_size: int | None = None  # draws kept per context for replay; None: no replay pool
+    replay_fraction: float = 0.5  # with a pool: share of each batch taken from it
     name: str = field(init=False, default="DPG")
 
     def __post_init__(self) -> None:
@@ -153,9 +204,23 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
             raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         require_positive("proposal_update_interval", self.proposal_update_interval)
         require_loss_normalisation(self.loss_normalisation)
+        self._check_reuse_options()
         self.check_divergence_options()
         if self.contexts is not None:
             self.name = "CDPG"
+
+    def _check_reuse_options(self) -> None:
+        if not isinstance(self.updates_per_batch, int) or self.updates_per_batch < 1:
+            raise ConfigError(f"updates_per_batch must be an integer >= 1, "
+                              f"got {self.updates_per_batch!r}")
+        if self.ratio_clip is not None:
+            require_positive("ratio_clip", self.ratio_clip)
+        if self.replay_size is not None:
+            if not isinstance(self.replay_size, int) or self.replay_size < 1:
+                raise ConfigError(f"replay_size must be an integer >= 1 (or None for no replay "
+                                  f"pool), got {self.replay_size!r}")
+            if not 0 < self.replay_fraction < 1:
+                raise ConfigError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
 
     def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
         """Fit π to the target for one ``context``, or amortised over several (CDPG, §2.5)."""
@@ -163,26 +228,56 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         contexts, policy = self.contexts_and_policy(target, context, contexts)
         proposal = Proposal(self.proposal or target.prior(contexts[0]), policy) \
             if self.off_policy else None
-        state = DPGState(contexts_digest(contexts), -1.0 if self.divergence == "kl" else 0.0, proposal)
+        pool = None
+        if self.replay_size is not None:
+            length = max_length(policy)
+            if length is not None:
+                require_pool_fits(self.replay_size, len(contexts), length, available_memory())
+            pool = ReplayPool(self.replay_size)
+        state = DPGState(contexts_digest(contexts), -1.0 if self.divergence == "kl" else 0.0,
+                         proposal, pool=pool)
         trainer = Trainer(self, policy, name, {"dpg": state})
+        if trainer.accelerator.num_processes > 1 and (self.updates_per_batch > 1 or pool):
+            raise ConfigError(
+                f"{name}: updates_per_batch > 1 and replay_size run in one process only: each "
+                "process' held draws would be missing from the checkpoint, which the main "
+                "process writes alone")
         monitor = DivergenceMonitor(self, name, state.divergence, trainer.last_checkpoint_note)
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
+            reused = state.reused(trainer.micro_step, self.updates_per_batch)
+            if reused is not None:
+                loss, metrics = self._reuse_step(policy, reused, state, trainer.device)
+                swap = self._proposal_schedule(target, proposal, policy, reused[0].context,
+                                               step_index)
+                return loss, {**metrics, **swap}
             chosen = pick_contexts(contexts, self.contexts_per_step)
-            losses, metrics, signals = [], [], []
+            losses, metrics, signals, held = [], [], [], []
             for c in chosen:
                 conditional = policy.given(c)
                 q = conditional if proposal is None else proposal.current().given(c)
-                batch = score_batch(target, q, max(1, self.batch_size // len(chosen)), c)
-                log_w = trainer.gather(batch.log_w)
-                log_z = self._update_log_z(state, log_w, batch, step_index,
+                size = max(1, self.batch_size // len(chosen))
+                replayed = 0 if pool is None else round(self.replay_fraction * size)
+                fresh = score_batch(target, q, max(1, size - replayed), c)
+                log_w = trainer.gather(fresh.log_w)
+                state.samples_drawn += log_w.numel()
+                log_z = self._update_log_z(state, log_w, fresh, step_index,
                                            several=len(contexts) > 1)
-                loss, info = self._loss(conditional, batch, log_z, state)
+                batch = fresh if pool is None else self._with_replayed(
+                    pool, fresh, replayed, trainer.device)
+                loss, info, log_pi = self._loss(conditional, batch, log_z, state,
+                                                measured=len(fresh.y))
+                if self.updates_per_batch > 1:
+                    held.append(HeldBatch(c, StoredDraws.of(batch), log_pi.cpu(), len(fresh.y)))
                 losses.append(loss)
-                metrics.append(info)
-                signals.append(monitor.signals(str(batch.context), batch.log_w,
-                                               batch.log_score - batch.log_prior,
+                metrics.append({**info, "fresh_samples": float(len(fresh.y)),
+                                "batch_update": 0.0})
+                # Local tensors: the monitor gathers every process' draws itself.
+                signals.append(monitor.signals(str(fresh.context), fresh.log_w,
+                                               fresh.log_score - fresh.log_prior,
                                                info["kl_policy_prior"]))
+            if held:
+                state.held[trainer.micro_step] = held
             checked = monitor.check(step_index, signals)
             swap = self._proposal_schedule(target, proposal, policy, chosen[0], step_index)
             return torch.stack(losses).mean(), {**mean_metrics(metrics), **swap, **checked}
@@ -192,7 +287,40 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         return finish(target, policy, name, contexts, history,
                       {"divergence": self.divergence, "baseline": self.baseline,
                        "off_policy": self.off_policy, "steps": self.steps,
-                       "batch_size": self.batch_size}, self.eval_samples, running, seed=self.seed)
+                       "batch_size": self.batch_size, "updates_per_batch": self.updates_per_batch,
+                       "replay_size": self.replay_size}, self.eval_samples,
+                      {**running, "samples_drawn": float(state.samples_drawn)}, seed=self.seed)
+
+    def _with_replayed(self, pool: ReplayPool, fresh: ScoredBatch, replayed: int,
+                       device: torch.device) -> ScoredBatch:
+        """The fresh draws and up to ``replayed`` earlier ones of the same context (each with the
+        log q that drew it); the fresh ones then join the pool."""
+        key = str(fresh.context)
+        stored = StoredDraws.of(fresh)
+        if len(pool) == 0:  # for a policy that does not say its length, the first draws' width
+            require_pool_fits(pool.capacity, 1, stored.tokens.shape[1], available_memory())
+        old = pool.sample(key, replayed)
+        pool.add(key, stored)
+        return fresh if old is None else StoredDraws.cat([stored, old]).batch(fresh.context,
+                                                                              device)
+
+    def _reuse_step(self, policy: SequenceDistribution, held: list[HeldBatch], state: DPGState,
+                    device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        """Another update on the held batches, their weights P/q_draw at the running Ẑ_c."""
+        losses, metrics = [], []
+        for batch_held in held:
+            batch = batch_held.draws.batch(batch_held.context, device)
+            key = str(batch.context) if self.per_context_z else "global"
+            log_z = state.log_z(key)
+            loss, info, _ = self._loss(policy.given(batch_held.context), batch,
+                                       log_z if math.isfinite(log_z) else 0.0, state,
+                                       log_old=batch_held.log_old.to(device),
+                                       measured=batch_held.fresh)
+            losses.append(loss)
+            metrics.append({**info, "fresh_samples": 0.0,
+                            "batch_update": float(batch_held.updates)})
+            batch_held.updates += 1
+        return torch.stack(losses).mean(), mean_metrics(metrics)
 
     def _update_log_z(self, state: DPGState, log_w: torch.Tensor, batch: ScoredBatch,
                       step_index: int, several: bool) -> float:
@@ -211,9 +339,14 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         return 0.0
 
     def _loss(
-        self, policy: SequenceDistribution, batch: ScoredBatch, log_z: float, state: DPGState
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """f-DPG's loss mean (π/q)(f'(π/p) − b) log π (§2.3, Go et al. 2023) and its metrics."""
+        self, policy: SequenceDistribution, batch: ScoredBatch, log_z: float, state: DPGState,
+        log_old: torch.Tensor | None = None, measured: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """f-DPG's loss mean (π/q)(f'(π/p) − b) log π (§2.3, Go et al. 2023), its metrics and
+        the draws' log π; with ``log_old`` (a reused batch) the terms `ratio_clip` drops are
+        left out of the gradient. The metrics (and so the divergence monitor's KL(π‖a)) are of
+        the first ``measured`` rows, the fresh draws: a replayed draw's π/q_draw is
+        heavy-tailed once π has moved, fine in a mean gradient, not in a step's estimate."""
         log_pi = policy.token_log_probs(batch.y).sum(-1)
         log_pi_detached = log_pi.detach().double()
         # The weights need the sequence's log π; "token" normalises only the term differentiated.
@@ -228,8 +361,18 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
             grad_weight = grad_weight - state.baseline
         # Samples outside the target's support (P = 0) keep their term: with a baseline they
         # are pushed down, which is how π learns to put no mass there.
-        loss = ((pi_over_q * grad_weight).to(log_pi.dtype) * scored).mean()
-        return loss, _metrics(batch, log_z, log_pi_detached, pi_over_q)
+        coefficient = pi_over_q * grad_weight
+        rows = slice(0, measured)
+        head = ScoredBatch(batch.y[rows], batch.context, batch.log_q[rows],
+                           batch.log_prior[rows], batch.log_score[rows]) \
+            if measured is not None and measured < len(batch.y) else batch
+        info = _metrics(head, log_z, log_pi_detached[rows], pi_over_q[rows])
+        if log_old is not None and self.ratio_clip is not None:
+            kept = clip_mask(coefficient, log_pi_detached - log_old, self.ratio_clip)
+            coefficient = coefficient * kept
+            info["clipped_fraction"] = float(1 - kept.mean())
+        loss = (coefficient.to(log_pi.dtype) * scored).mean()
+        return loss, info, log_pi_detached
 
     def _proposal_schedule(self, target: Target, proposal: Proposal | None,
                            policy: SequenceDistribution, context: Any,
