@@ -89,6 +89,10 @@ class HiddenStateValue(torch.nn.Module):
         """π's per-token log-probs (with gradients) and V per token, from one forward."""
         with _lm_head_input(policy.module.get_output_embeddings()) as captured:
             log_probs = policy.token_log_probs(y)
+        if not captured:
+            raise ConfigError(f"advantage='gae': {type(policy.module).__name__} computes its "
+                              "logits without calling its output embeddings, so the value head "
+                              "cannot read its hidden states; use advantage='rloo'")
         hidden = captured[-1].detach().to(self.linear.weight.dtype)
         values = self.linear(hidden).squeeze(-1).double()
         # y.mask of a drawn batch runs through the first EOS, as token_log_probs' mask does.
