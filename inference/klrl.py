@@ -16,6 +16,10 @@ then the target with L clipped at e^penalty on violating sequences.
 log π_θ by its number of tokens, so that long sequences do not dominate the step, at the price
 of a gradient that is no longer the objective's when lengths differ. PPO's clipped surrogate
 is a per-token mean over each sequence already. Divergence detection: `divergence`.
+
+PPO's advantages: ``advantage="rloo"`` (the default) gives every token of a sequence its RLOO
+advantage; ``advantage="gae"`` trains a value head (`value_head`) with a clipped value loss and
+gives token t the GAE of the per-token rewards −c·k_t, plus log L on the last token.
 """
 
 from __future__ import annotations
@@ -47,8 +51,19 @@ from .policy import (
     require_same_contexts,
     score_batch,
 )
+from .value_head import (
+    PolicyAndValue,
+    Trainable,
+    ValueHead,
+    clipped_value_loss,
+    gae,
+    token_rewards,
+    value_head_for,
+    whiten,
+)
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
+ADVANTAGES = ("rloo", "gae")
 UNBIASED = {("k1", "reward"), ("k2", "loss")}
 
 
@@ -87,7 +102,9 @@ class RolloutGroup:
     row_context: Any  # the draws' per-row contexts (`Sequences.context`)
     context: Any
     old_log_probs: torch.Tensor  # [batch, length]: per-token log π_old
-    advantage: torch.Tensor  # [batch]: RLOO advantages of the k1-penalised reward
+    advantage: torch.Tensor  # [batch] RLOO advantages, or [batch, length] GAE
+    old_values: torch.Tensor | None = None  # GAE: [batch, length] V_old per token
+    returns: torch.Tensor | None = None  # GAE: [batch, length] value targets A + V_old
 
 
 @dataclass
@@ -144,7 +161,7 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (*PolicyEngineConfig.RESUMABLE_CHANGES,
                                                      *DivergenceOptions.RESUMABLE_CHANGES)
 
-    algorithm: str = "rloo"  # reinforce (moving-average baseline) | rloo | ppo (RLOO advantages)
+    algorithm: str = "rloo"  # reinforce (moving-average baseline) | rloo | ppo
     kl_estimator: str = "k1"  # k1 | k2 | k3
     kl_placement: str = "reward"  # reward | loss; unbiased pairs: (k1, reward), (k2, loss)
     kl_scale: float = 1.0  # multiplier c on KL(π‖a); 1 targets the declared posterior exactly
@@ -153,6 +170,13 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
     ppo_epochs: int = 4  # PPO: optimisation passes over each rollout
     ppo_minibatches: int = 1  # PPO: minibatches per pass (one optimizer step each)
     ppo_clip: float = 0.2  # PPO: ε of the clipped ratio
+    advantage: str = "rloo"  # PPO: "rloo" (per sequence) | "gae" (value head, per token)
+    gae_lambda: float = 0.95  # GAE: λ in [0, 1] (1: Monte-Carlo return minus V)
+    gamma: float = 1.0  # GAE: discount in (0, 1]; 1 keeps the objective the declared target's
+    value_coef: float = 0.1  # GAE: weight of the value loss in the joint loss
+    value_clip: float | None = 0.2  # GAE: ε of the clipped value loss; None: unclipped
+    value_learning_rate: float | None = None  # GAE: the value head's rate; None: the policy's
+    whiten_advantages: bool = True  # GAE: normalise each group's token advantages (TRL's default)
     constraint_penalty: float = -30.0  # log L given to sequences violating a hard constraint
     loss_normalisation: str = "sequence"  # reinforce/rloo: A·log π ("sequence"), or / length
     name: str = field(init=False, default="KLRL")
@@ -174,6 +198,7 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
         if self.loss_normalisation == "token" and self.algorithm == "ppo":
             raise ConfigError("loss_normalisation='token' is for reinforce and rloo: PPO's "
                               "clipped surrogate is already a per-token mean over each sequence")
+        self._check_advantage_options()
         self.check_divergence_options()
         if self.batch_size < 2 and self.algorithm != "reinforce":
             raise ConfigError("RLOO and PPO need batch_size >= 2 (a leave-one-out baseline)")
@@ -184,11 +209,34 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
                 "reward (default) or k2 in the loss", stacklevel=3)
         self.name = f"KLRL-{self.algorithm}"
 
+    def _check_advantage_options(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise ConfigError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        if self.advantage == "gae" and self.algorithm != "ppo":
+            raise ConfigError(f"advantage='gae' is for algorithm='ppo' (it needs PPO's value "
+                              f"head), got algorithm={self.algorithm!r}")
+        if self.advantage == "gae" and self.kl_placement != "reward":
+            raise ConfigError("advantage='gae' puts the KL penalty in the per-token rewards; "
+                              "kl_placement must be 'reward'")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"gae_lambda must lie in [0, 1], got {self.gae_lambda}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"gamma must lie in (0, 1], got {self.gamma}")
+        require_positive("value_coef", self.value_coef)
+        if self.value_clip is not None:
+            require_positive("value_clip", self.value_clip)
+        if self.value_learning_rate is not None:
+            require_positive("value_learning_rate", self.value_learning_rate)
+
     def fit(self, target: Target, context: Any = NO_CONTEXT, *, contexts: Any = None) -> Posterior:
         """Fit π for one ``context``, or amortised over several ``contexts``."""
         contexts, policy = self.contexts_and_policy(target, context, contexts)
         state = KLRLState(contexts_digest(contexts), self.kl_scale)
-        trainer = Trainer(self, policy, self.name, {"klrl": state})
+        value = value_head_for(policy) if self.advantage == "gae" else None
+        trained = policy if value is None else Trainable(
+            PolicyAndValue(policy.module, value, self.value_learning_rate),
+            policy.recommended_optimizer)
+        trainer = Trainer(self, trained, self.name, {"klrl": state})
         monitor = DivergenceMonitor(self, self.name, state.divergence, trainer.last_checkpoint_note)
         updates_per_rollout = self.ppo_epochs * self.ppo_minibatches
 
@@ -197,12 +245,14 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
                 return self._policy_gradient_step(target, policy, contexts, state, monitor,
                                                   step_index)
             if step_index % updates_per_rollout == 0 or state.rollout is None:
-                state.rollout = self._rollout(target, policy, contexts, state, monitor, step_index)
-            return self._ppo_step(policy, state.rollout, step_index % updates_per_rollout)
+                state.rollout = self._rollout(target, policy, contexts, state, monitor, step_index,
+                                              value)
+            return self._ppo_step(policy, state.rollout, step_index % updates_per_rollout, value)
 
         history = trainer.run(step)
         return finish(target, policy, self.name, contexts, history,
-                      {"algorithm": self.algorithm, "kl_estimator": self.kl_estimator,
+                      {"algorithm": self.algorithm, "advantage": self.advantage,
+                       "kl_estimator": self.kl_estimator,
                        "kl_placement": self.kl_placement, "steps": self.steps,
                        "batch_size": self.batch_size}, self.eval_samples, seed=self.seed)
 
@@ -256,40 +306,82 @@ class KLRL(PolicyEngineConfig, DivergenceOptions):
             state.adapt_kl_scale(kl, self.target_kl, self.adaptive_kl_gain)
 
     def _rollout(self, target: Target, policy: SequenceDistribution, contexts: list[Any],
-                 state: KLRLState, monitor: DivergenceMonitor, step_index: int) -> PPORollout:
-        """One PPO rollout: samples, old per-token log-probs and RLOO advantages (k1 reward);
-        the divergence signals are checked once per rollout."""
+                 state: KLRLState, monitor: DivergenceMonitor, step_index: int,
+                 value: ValueHead | None) -> PPORollout:
+        """One PPO rollout: samples, old per-token log-probs and advantages (RLOO of the
+        sequence reward, or GAE); the divergence signals are checked once per rollout."""
         groups, rows, signals = [], [], []
         for conditional, batch in self._scored_groups(target, policy, contexts):
+            y = batch.y
             with torch.no_grad():
-                old = conditional.token_log_probs(batch.y).double()
+                if value is None:
+                    old, old_values = conditional.token_log_probs(y).double(), None
+                else:
+                    old, old_values = value.score(conditional, y)
             log_ratio = old.sum(-1) - batch.log_prior
             task, violated = self._task_reward(batch)
-            reward = task - state.kl_scale * kl_estimate(self.kl_estimator, log_ratio)
-            groups.append(RolloutGroup(batch.y.tokens, batch.y.mask, batch.y.context,
-                                       batch.context, old, rloo_advantage(reward)))
+            if value is None:
+                reward = task - state.kl_scale * kl_estimate(self.kl_estimator, log_ratio)
+                groups.append(RolloutGroup(y.tokens, y.mask, y.context, batch.context, old,
+                                           rloo_advantage(reward)))
+            else:
+                groups.append(self._gae_group(target, batch, task, old, old_values,
+                                              state.kl_scale))
             rows.append(_metrics(task, log_ratio, violated, state.kl_scale))
             signals.append(_signals(monitor, batch, rows[-1]))
         self._adapt(state, rows)
         return PPORollout(groups, {**mean_metrics(rows), **monitor.check(step_index, signals)})
 
-    def _ppo_step(self, policy: SequenceDistribution, rollout: PPORollout, update_index: int
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        """One clipped-surrogate minibatch update on the cached rollout (per-token ratios)."""
+    def _gae_group(self, target: Target, batch: ScoredBatch, task: torch.Tensor,
+                   old: torch.Tensor, old_values: torch.Tensor, kl_scale: float) -> RolloutGroup:
+        """A rollout group with GAE advantages of the per-token rewards and value targets."""
+        y = batch.y
+        mask = y.mask.to(old.device)
+        with torch.no_grad():
+            prior_tokens = target.prior(batch.context).token_log_probs(y).double().to(old.device)
+        rewards = token_rewards(task.to(old.device),
+                                kl_estimate(self.kl_estimator, old - prior_tokens), mask,
+                                kl_scale)
+        advantage, returns = gae(rewards, old_values, mask, self.gamma, self.gae_lambda)
+        if self.whiten_advantages:
+            advantage = whiten(advantage, mask)
+        return RolloutGroup(y.tokens, y.mask, y.context, batch.context, old, advantage,
+                            old_values, returns)
+
+    def _ppo_step(self, policy: SequenceDistribution, rollout: PPORollout, update_index: int,
+                  value: ValueHead | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """One clipped-surrogate minibatch update on the cached rollout (per-token ratios),
+        plus the clipped value loss with GAE."""
         minibatch = update_index % self.ppo_minibatches
-        losses = []
+        losses, value_losses = [], []
         for group in rollout.groups:
             y_all = Sequences(group.tokens, group.mask, context=group.row_context)
             rows = torch.arange(len(y_all)).chunk(self.ppo_minibatches)[minibatch]
             if len(rows) == 0:
                 continue
             y = y_all[rows]
-            new = policy.given(group.context).token_log_probs(y)
+            conditional = policy.given(group.context)
+            if value is None:
+                new, values = conditional.token_log_probs(y), None
+            else:
+                new, values = value.score(conditional, y)
+            advantage = group.advantage[rows].to(new)
+            mask = y.mask.to(new.device)
             per_sequence = clipped_surrogate(
-                new, group.old_log_probs[rows].to(new), group.advantage[rows].to(new)[:, None],
-                y.mask.to(new.device), self.ppo_clip)
-            losses.append(-per_sequence.mean())
-        return torch.stack(losses).mean(), {**rollout.metrics, "ppo_update": float(update_index)}
+                new, group.old_log_probs[rows].to(new),
+                advantage[:, None] if advantage.dim() == 1 else advantage, mask, self.ppo_clip)
+            loss = -per_sequence.mean()
+            if values is not None:
+                value_loss = clipped_value_loss(values, group.old_values[rows].to(values),
+                                                group.returns[rows].to(values), mask,
+                                                self.value_clip)
+                value_losses.append(float(value_loss.detach()))
+                loss = loss + self.value_coef * value_loss
+            losses.append(loss)
+        metrics = {**rollout.metrics, "ppo_update": float(update_index)}
+        if value_losses:
+            metrics["value_loss"] = sum(value_losses) / len(value_losses)
+        return torch.stack(losses).mean(), metrics
 
 
 def _signals(monitor: DivergenceMonitor, batch: ScoredBatch,

@@ -34,7 +34,9 @@ class DataParallel:
         self.accelerator = accelerator
         self.module = module
         self.max_grad_norm = max_grad_norm
-        params = trainable_parameters(module, engine)
+        # A module with its own groups (a policy and its value head at another rate) gives them.
+        params = module.parameter_groups(learning_rate) if hasattr(module, "parameter_groups") \
+            else trainable_parameters(module, engine)
         optimizer_class = torch.optim.Adam if optimizer_name == "adam" else torch.optim.SGD
         self.optimizer = optimizer_class(params, lr=learning_rate)
 
