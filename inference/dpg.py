@@ -270,7 +270,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
                 if self.updates_per_batch > 1:
                     held.append(HeldBatch(c, StoredDraws.of(batch), log_pi.cpu(), len(fresh.y)))
                 losses.append(loss)
-                metrics.append({**info, "fresh_samples": float(len(fresh.y)),
+                metrics.append({**info, "fresh_samples": float(log_w.numel()),  # all processes'
                                 "batch_update": 0.0})
                 # Local tensors: the monitor gathers every process' draws itself.
                 signals.append(monitor.signals(str(fresh.context), fresh.log_w,

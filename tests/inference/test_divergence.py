@@ -166,7 +166,7 @@ def test_dpg_token_normalisation_divides_each_log_prob_by_its_length():
     weights = [-1.0, -2.0, -0.5]
     for normalisation, lengths in (("sequence", [1, 1, 1]), ("token", [3, 2, 1])):
         engine = DPG(loss_normalisation=normalisation)
-        loss, _ = engine._loss(policy, batch, 0.0, DPGState("", -1.0, None))
+        loss, _, _ = engine._loss(policy, batch, 0.0, DPGState("", -1.0, None))
         expected = sum(w * lp / n for w, lp, n in zip(weights, log_pi, lengths)) / 3
         assert float(loss.detach()) == pytest.approx(expected, abs=1e-12)
     assert mask_through_eos(tokens, None).all()  # the lengths come from the mask given

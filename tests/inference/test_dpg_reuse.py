@@ -124,7 +124,7 @@ def test_resume_with_a_held_batch_and_a_full_pool_is_bit_identical(off_policy, t
     reference = DPG(**settings).fit(target)
     # Checkpoints at step 25: mid-cycle (25 = 3·8 + 1), the pool full (9 batches of 8 fresh).
     DPG(**{**settings, "steps": 25}, checkpoint_dir=str(tmp_path), checkpoint_every=25).fit(target)
-    saved = torch.load(next(tmp_path.glob("checkpoint-*")) / "engine.pt", weights_only=False)
+    saved = torch.load(next(tmp_path.glob("checkpoint-*")) / "engine-0.pt", weights_only=False)
     assert len(saved["dpg"]["pool"]["draws"]["None"]) == 40
     assert saved["dpg"]["held"][0][0].updates == 1
     resumed = DPG(**settings, checkpoint_dir=str(tmp_path), checkpoint_every=25).fit(target)
