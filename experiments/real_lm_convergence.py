@@ -250,6 +250,8 @@ def run_engine(name: str, target: ba.Target, spec: TargetSpec, prior: CausalLM,
     per_step, multiple = segment_sizes(cls, options)
     drawn, steps = 0, 0
     for goal in sizes.evaluation_points():
+        if 0 < goal <= drawn:  # the last segment already drew past this point
+            continue
         if goal > 0:
             wanted = max(steps + multiple, math.ceil((goal - drawn) / per_step) + steps)
             wanted = math.ceil(wanted / multiple) * multiple
