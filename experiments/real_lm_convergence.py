@@ -49,7 +49,7 @@ from bayesalign.models.adaptors import BanTokens
 from bayesalign.reference import Reference, distances
 from bayesalign.seeding import seeded
 
-from .results import write_results, write_text_atomic
+from .results import read_results, write_results, write_text_atomic
 
 EXPERIMENT = "real_lm_convergence"
 GOAL_FRACTION = 0.1  # the goal: KL(p‖π) ≤ 0.1·KL(p‖a)
@@ -328,9 +328,7 @@ def run(output: Path, quick: bool, *, sizes: Sizes | None = None,
                                "overrides": overrides, "targets": {}}
 
     def save(finished: bool) -> dict[str, Any]:
-        saved = write_results(output, EXPERIMENT, finished, results)
-        write_text_atomic(output / f"{EXPERIMENT}.md", render(saved) + "\n")
-        return saved
+        return publish(output, results, finished)
 
     for target_name in sizes.targets:
         spec = TARGETS[target_name]
@@ -355,9 +353,42 @@ def run(output: Path, quick: bool, *, sizes: Sizes | None = None,
 
             run_engine(name, target, spec, prior, reference, sizes, options,
                        output / target_name / name.replace(" ", "_"), seed, on_point)
-    final = save(True)
-    plot(final, output / f"{EXPERIMENT}.png")
-    return render(final)
+    return render(save(True))
+
+
+def publish(output: Path, results: dict[str, Any], finished: bool) -> dict[str, Any]:
+    """results.json (atomically), its Markdown table and its PNG, after every evaluation point,
+    so a run that is stopped leaves all three."""
+    saved = write_results(output, EXPERIMENT, finished, results)
+    write_text_atomic(output / f"{EXPERIMENT}.md", render(saved) + "\n")
+    plot(saved, output / f"{EXPERIMENT}.png")
+    return saved
+
+
+def merge(folders: list[Path], output: Path) -> str:
+    """One results.json, table and PNG from runs of other engines (or targets) in parallel,
+    e.g. one process per engine: each target's curves side by side, measured by the first
+    run's yardstick (the runs must share sizes and seed, hence the same seeded pool)."""
+    runs = [read_results(folder) for folder in folders]
+    first = runs[0]
+    keys = ("quick", "seed")
+    for folder, other in zip(folders[1:], runs[1:]):
+        same = {k: other[k] == first[k] for k in keys}
+        same["yardstick"] = all(
+            entry["reference"]["log_z"] == first["targets"][name]["reference"]["log_z"]
+            for name, entry in other["targets"].items() if name in first["targets"])
+        if not all(same.values()):
+            raise ConfigError(f"{folder} differs from {folders[0]} in "
+                              f"{[k for k, v in same.items() if not v]}: merge only runs of "
+                              "one seed, mode and yardstick")
+    merged = {**{k: first[k] for k in (*keys, "sizes", "overrides")}, "targets": {},
+              "merged_from": [str(f) for f in folders]}
+    for run_ in runs:
+        for name, entry in run_["targets"].items():
+            into = merged["targets"].setdefault(name, {**entry, "curves": {}})
+            into["curves"].update(entry["curves"])
+    Path(output).mkdir(parents=True, exist_ok=True)
+    return render(publish(output, merged, all(r["finished"] for r in runs)))
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -466,7 +497,12 @@ def main(argv: list[str] | None = None) -> int:
                         help='JSON {"*": {...}, "ENGINE": {...}}: options over each engine\'s '
                              'own, e.g. \'{"*": {"learning_rate": 1e-5}, "PPO": {"ppo_epochs": 2}}\'')
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                        help="run nothing: merge these runs' results.json into --output")
     args = parser.parse_args(argv)
+    if args.merge:
+        print(merge(args.merge, args.output))
+        return 0
     torch.set_num_threads(args.threads)
     sizes = Sizes.for_mode(args.quick)
     changes = {"targets": _names(args.targets, TARGETS), "engines": _names(args.engines, ENGINES),

@@ -105,3 +105,24 @@ def test_full_run_reaches_the_goal_with_default_options(full):
     for entry in full["targets"].values():
         for curve in entry["curves"].values():
             assert conv.summary(entry, curve)["reached"] is not None
+
+
+def test_runs_of_one_engine_each_merge_into_one_table(quick, tmp_path):
+    from experiments.results import write_results
+
+    _, _, results = quick
+    folders = []
+    for engine in ("DPG", "RLOO"):
+        entry = results["targets"]["return"]
+        part = {**results, "targets": {"return": {**entry, "curves": {
+            engine: entry["curves"][engine]}}}}
+        del part["experiment"], part["finished"]
+        folders.append(tmp_path / engine)
+        folders[-1].mkdir()
+        write_results(folders[-1], conv.EXPERIMENT, True, part)
+    report = conv.merge(folders, tmp_path / "merged")
+    assert report == conv.render(results)  # the same table as one run of both engines
+    assert (tmp_path / "merged" / f"{conv.EXPERIMENT}.png").is_file()
+    write_results(folders[1], conv.EXPERIMENT, True, {**part, "seed": 1})
+    with pytest.raises(ConfigError, match=r"differs from .*DPG in \['seed'\]"):
+        conv.merge(folders, tmp_path / "again")
