@@ -441,6 +441,14 @@ def render(results: dict[str, Any]) -> str:
                 f"{last['on_policy_kl_target_policy']:.3f} | {last['value']:.4g} | "
                 f"{last['distinct_fraction']:.2f} / {last['empty_fraction']:.2f} | "
                 f"{s['samples_per_s']:.1f} | {len(curve['warnings'])} |")
+        # What the samples are made of (a win must be read from them): the last point's first
+        # draws, and the exact posterior's.
+        parts.append("")
+        for engine, examples in [("Rejection", ref["examples"]),
+                                 *[(e, c["points"][-1]["examples"])
+                                   for e, c in entry["curves"].items()]]:
+            shown = " · ".join(f"`{json.dumps(t[:60], ensure_ascii=False)}`" for t in examples)
+            parts.append(f"- {engine}: {shown}")
     return "\n".join(parts)
 
 
