@@ -428,19 +428,20 @@ def render(results: dict[str, Any]) -> str:
             "",
             f"| engine | samples drawn | KL(p‖π) ± se | fraction of the way | samples to reach "
             f"0.1·KL(p‖a) | KL(π‖a) | on-policy KL(p‖π) | {what} (Rejection {ref['value']:.4g}) "
-            "| distinct / empty | samples/s | warnings |",
+            "| distinct / empty | samples/s | divergence warnings |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for engine, curve in entry["curves"].items():
             s, last = summary(entry, curve), curve["points"][-1]
             reached = "not reached" if s["reached"] is None else f"{s['reached']}"
             stopped = " (stopped)" if curve["stopped"] else ""
+            diverged = sum(": DivergenceWarning:" in w for w in curve["warnings"])
             parts.append(
                 f"| {engine}{stopped} | {s['samples']} | {s['kl']:.3f} ± {s['kl_se']:.3f} | "
                 f"{s['fraction']:.0%} | {reached} | {last['kl_policy_prior']:.3f} | "
                 f"{last['on_policy_kl_target_policy']:.3f} | {last['value']:.4g} | "
                 f"{last['distinct_fraction']:.2f} / {last['empty_fraction']:.2f} | "
-                f"{s['samples_per_s']:.1f} | {len(curve['warnings'])} |")
+                f"{s['samples_per_s']:.1f} | {diverged} |")
         # What the samples are made of (a win must be read from them): the last point's first
         # draws, and the exact posterior's.
         parts.append("")
