@@ -258,10 +258,6 @@ def run_engine(name: str, target: ba.Target, spec: TargetSpec, prior: CausalLM,
             engine = cls(**{**options, "steps": wanted, "checkpoint_dir": str(checkpoints),
                             "keep_checkpoints": 1, "progress": False, "policy": policy,
                             "eval_samples": sizes.fit_eval_samples, "seed": seed})
-            # torch's optimizer-state loader skips initialising Adam's state when a parameter
-            # has a .grad (left by the last segment) and then fails ("Expected device to be
-            # set"): the resumed Trainer must see the policy as a fresh process would.
-            policy.module.zero_grad(set_to_none=True)
             started = time.perf_counter()
             try:
                 with counting_draws() as count, warnings.catch_warnings(record=True) as caught:

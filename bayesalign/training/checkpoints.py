@@ -109,6 +109,9 @@ def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, w
             weights[alias] = weights[name]
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     set_model_state_dict(module, weights, options=options)
+    # Gradients left from an earlier fit of the same module would make torch skip building
+    # the fresh optimizer's state ("Expected device to be set"); a resumed step starts at zero.
+    module.zero_grad(set_to_none=True)
     if _keeps_state(optimizer):  # decided alike on every process: the load is collective
         set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
 

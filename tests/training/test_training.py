@@ -98,6 +98,20 @@ def test_resume_restores_the_fp16_loss_scale(tmp_path):
     assert uninterrupted["scale"] == 2.0**13  # grew at steps 2, 4 and 6
 
 
+def test_a_policy_fitted_again_resumes_its_own_checkpoint(tmp_path):
+    """Fitting in segments (same policy object, same checkpoint_dir, more steps) resumes, and
+    ends where one uninterrupted fit does: gradients the first segment left on the module must
+    not stop torch from restoring Adam's state."""
+    target = toy_a_target()
+    policy = target.prior().trainable_copy()
+    options = dict(batch_size=16, optimizer="adam", learning_rate=0.05, eval_samples=64,
+                   progress=False, checkpoint_dir=str(tmp_path / "segments"))
+    DPG(steps=3, policy=policy, **options).fit(target)
+    segmented = DPG(steps=6, policy=policy, **options).fit(target)
+    whole = DPG(steps=6, **{**options, "checkpoint_dir": str(tmp_path / "whole")}).fit(target)
+    assert [r["loss"] for r in segmented.history] == [r["loss"] for r in whole.history]
+
+
 def test_resume_with_another_configuration_is_refused(tmp_path):
     DPG(**{**SETTINGS, "steps": 50}, checkpoint_dir=str(tmp_path)).fit(toy_a_target(1.0))
     with pytest.raises(ConfigError, match="batch_size: 32 there, 16 here"):
