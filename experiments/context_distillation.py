@@ -73,10 +73,21 @@ def load(sizes: Sizes, quick: bool) -> tuple[CausalLM, list[str], list[str]]:
     train = Corpus(None, "document", split="train", segment_python=True).segments
     held_out = Corpus(None, "document", split="heldout", segment_python=True).segments
     step = max(1, len(train) // sizes.train_texts)
-    texts = [t for t in train[::step] if t.strip()][:sizes.train_texts]
+    # Each text cut to its first text_tokens tokens, so it is also a context DPG can be given
+    # (a whole definition can be longer than the model's 256 positions).
+    cut = [lm.tokenizer.decode(lm.tokenizer(t)["input_ids"][:sizes.text_tokens])
+           for t in train[::step] if t.strip()]
+    texts = [t for t in cut if joins_cleanly(lm, t)][:sizes.train_texts]
     contexts = [first_line(t) for t in held_out if first_line(t).strip()]
     stride = max(1, len(contexts) // sizes.held_out)
     return lm, texts, contexts[::stride][:sizes.held_out]
+
+
+def joins_cleanly(lm: CausalLM, text: str) -> bool:
+    """Whether ``PROMPT + text`` tokenises as the prompt's tokens then the text's (what the
+    token-level teacher reads); the few texts that do not are left out, not refused."""
+    encode = lm.tokenizer
+    return encode(PROMPT + text)["input_ids"] == encode(PROMPT)["input_ids"] + encode(text)["input_ids"]
 
 
 def first_line(text: str) -> str:
