@@ -141,10 +141,10 @@ def test_nan_loss_names_the_step_and_checkpoint(tmp_path, monkeypatch):
     original = DPG._loss
     calls = {"n": 0}
 
-    def sometimes_nan(self, *args):
-        loss, info = original(self, *args)
+    def sometimes_nan(self, *args, **kw):
+        loss, info, log_pi = original(self, *args, **kw)
         calls["n"] += 1
-        return (loss * math.nan if calls["n"] > 25 else loss), info
+        return (loss * math.nan if calls["n"] > 25 else loss), info, log_pi
 
     monkeypatch.setattr(DPG, "_loss", sometimes_nan)
     with pytest.raises(TrainingError, match=r"loss is nan at step 25.*checkpoint-00000020"):
