@@ -120,7 +120,10 @@ def field_docs(cls: type) -> dict[str, str]:
 @cache
 def engine_fields(cls: type) -> tuple[tuple[Option, ...], tuple[tuple[str, str], ...]]:
     """The options of ``cls`` a command line can give, and (name, type) of those it cannot."""
-    hints = typing.get_type_hints(cls)
+    # Engines import some option types for type checking only (they would load transformers).
+    from bayesalign.models.lora_options import LoraOptions
+
+    hints = typing.get_type_hints(cls, localns={"LoraOptions": LoraOptions})
     docs = field_docs(cls)
     options, left_out = [], []
     for field in dataclasses.fields(cls):

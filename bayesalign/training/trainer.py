@@ -46,6 +46,7 @@ from .checkpoints import (
 from .fsdp import local_parameter_fraction, recomputes_activations
 from .processes import gather, rank_seed
 from .strategy import strategy_for
+from .trackers import hyperparameters, require_tracker, scalars, tracker_dir
 
 
 @dataclass
@@ -55,7 +56,8 @@ class TrainingConfig:
     # Options a resumed run may change (how long, where, how often, display); the others must
     # match the checkpoint's. Engines add theirs.
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
-        "steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "progress")
+        "steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "progress",
+        "log_with", "tracker_dir")
 
     steps: int = 1000  # optimizer steps
     batch_size: int = 64  # samples per micro-batch (per process)
@@ -71,6 +73,8 @@ class TrainingConfig:
     progress: bool = True  # progress bar on interactive terminals
     warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps
     lr_decay_steps: int | None = None  # cosine decay to 10% by this step; None: constant
+    log_with: str | None = None  # an accelerate tracker for the history ("tensorboard", "wandb"…)
+    tracker_dir: str | None = None  # where trackers write; None: checkpoint_dir/trackers or runs
 
     def __post_init__(self) -> None:
         require_positive("steps", self.steps)
@@ -86,6 +90,7 @@ class TrainingConfig:
             raise ConfigError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        require_tracker(self.log_with)
         if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
             raise ConfigError(f"lr_decay_steps ({self.lr_decay_steps}) must exceed "
                               f"warmup_steps ({self.warmup_steps})")
@@ -136,7 +141,8 @@ class Trainer:
         self.engine = engine
         self.state = dict(state or {})
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                       mixed_precision=config.mixed_precision)
+                                       mixed_precision=config.mixed_precision,
+                                       log_with=config.log_with, project_dir=tracker_dir(config))
         module = policy.module
         module.to(self.accelerator.device)
         name, learning_rate = policy.recommended_optimizer
@@ -178,6 +184,8 @@ class Trainer:
         # Each rank its own seed, so ranks draw different samples.
         with seeded(rank_seed(config.seed, self.accelerator.process_index)):
             self._resume()
+            if config.log_with:
+                self.accelerator.init_trackers(self.engine, config=hyperparameters(config))
             bar = tqdm(total=config.steps, initial=self.start_step, desc=self.engine,
                        disable=None if config.progress else True, leave=False)
             run_started = time.perf_counter()
@@ -186,6 +194,8 @@ class Trainer:
                 row = self._optimizer_step(step, step_fn)
                 self._add_rates(row, time.perf_counter() - started, run_started, step)
                 self.history.append(row)
+                if config.log_with:
+                    self.accelerator.log(scalars(row), step=step)
                 bar.update(1)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "kl_target_policy",
                                                               "tokens_per_s") if k in row})
@@ -196,6 +206,8 @@ class Trainer:
                 ):
                     self.save_checkpoint(done)
             bar.close()
+            if config.log_with:
+                self.accelerator.end_training()
         self.strategy.trained_module()
         return self.history
 
