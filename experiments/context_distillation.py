@@ -60,7 +60,7 @@ class Sizes:
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
             return cls(6, 2, 256, 6, 24, 2, 12, 6, 16, 3e-3, 3e-4)
-        return cls(256, 8, 256, 24, 48, 4, 25, 16, 32, 1e-3, 3e-4)
+        return cls(256, 8, 256, 24, 48, 4, 25, 16, 32, 3e-4, 1e-5)
 
 
 def load(sizes: Sizes, quick: bool) -> tuple[CausalLM, list[str], list[str]]:
