@@ -85,11 +85,15 @@ def _lines(text: str) -> list[str]:
 def violations_per_line(document: str) -> tuple[list[int], list[int]]:
     """The document's line start offsets (in its own characters) and each line's pycodestyle
     violations, pycodestyle run once on the whole document."""
-    report = _ViolationLines(_STYLE.options)
-    pycodestyle.Checker(lines=_lines(document), options=_STYLE.options, report=report).check_all()
     # pycodestyle's lines (universal newlines), measured in the document's own characters.
     raw_lines = io.StringIO(document, newline="").readlines()
     starts = [0, *itertools.accumulate(len(line) for line in raw_lines)]
+    report = _ViolationLines(_STYLE.options)
+    try:
+        pycodestyle.Checker(lines=_lines(document), options=_STYLE.options,
+                            report=report).check_all()
+    except Exception:  # a pycodestyle bug (a lone "b" line: IndexError) scores worst, as pep8's
+        return starts, [len(line) for line in raw_lines] or [1]
     counts = [0] * max(len(starts) - 1, 1)
     for line in report.lines:  # E901/E902 can name a line past the end: keep it on the last
         counts[min(max(line, 1), len(counts)) - 1] += 1

@@ -77,6 +77,15 @@ def test_pep8_in_document_gives_each_segment_the_violations_of_its_lines():
         scorers.pep8_in_document(Sequences(tokens=torch.zeros(1, 1, dtype=torch.long), _text=["x"]))
 
 
+def test_a_document_pycodestyle_crashes_on_scores_worst():
+    """pycodestyle raises IndexError on a lone string-prefix line ("b"); the segment then gets
+    one violation per character (reward −1, pep8's worst), never a clean score."""
+    segments = ["b\n"]
+    y = Sequences(tokens=torch.zeros(1, 1, dtype=torch.long), _text=segments,
+                  origin=origins(segments))
+    assert scorers.pep8_in_document(y).tolist() == [-1.0]
+
+
 def test_parses_and_compiles():
     texts = ["def f(x):\n    return x + 1\n", "def f(:\n", "x = 1\x00\n", "return 1\n", ""]
     assert scorers.parses(texts).tolist() == [True, False, False, True, True]
