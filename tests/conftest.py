@@ -164,6 +164,18 @@ def brute_force_qrs_poisson(qrs_beta: float, support: int = 60) -> dict[str, flo
     return brute_force_qrs(q, score, qrs_beta)
 
 
+def has_two_target() -> ba.Target:
+    """Toy A's prior restricted to the strings that contain token 2 (Z = 0.466)."""
+    prior = toy_a_prior()
+
+    @ba.target
+    def has_two():
+        y = pyro.sample("y", prior)
+        ba.constraint("has_two", (y.tokens == 2).any(-1))
+
+    return has_two
+
+
 def conditional_world():
     """Two contexts with first-token laws (.5,.3,.2) and (.1,.1,.8) (SPEC §10, CDPG oracle)."""
     transition = torch.tensor(T, dtype=torch.float64)

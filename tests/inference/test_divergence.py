@@ -3,12 +3,10 @@
 import math
 import warnings
 
-import pyro
 import pytest
 import torch
-from conftest import toy_a_prior, toy_a_target
+from conftest import has_two_target, toy_a_prior, toy_a_target
 
-import bayesalign as ba
 from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError
 from bayesalign.inference import DPG, KLRL
 from bayesalign.inference.divergence import DivergenceState, PooledWeights
@@ -22,17 +20,6 @@ QUICK = {"batch_size": 64, "seed": 0, "progress": False, "eval_samples": 256}
 # policy collapse onto one sequence that meets the constraint (KL(p‖π) ≈ 32 nats, the policy's
 # own draws all satisfying it, ESS fraction 1).
 DIVERGING = {**QUICK, "optimizer": "sgd", "learning_rate": 10.0}
-
-
-def has_two_target() -> ba.Target:
-    prior = toy_a_prior()
-
-    @ba.target
-    def has_two():
-        y = pyro.sample("y", prior)
-        ba.constraint("has_two", (y.tokens == 2).any(-1))
-
-    return has_two
 
 
 def test_the_warning_fires_on_a_collapsing_dpg_run_naming_step_and_signal():

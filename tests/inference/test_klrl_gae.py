@@ -8,7 +8,7 @@ import warnings
 import pyro
 import pytest
 import torch
-from conftest import toy_a_prior, toy_a_target
+from conftest import has_two_target, toy_a_target
 from safetensors.torch import load_file
 from test_policy_engines import random_world
 
@@ -106,16 +106,9 @@ def test_ppo_with_gae_reaches_the_exact_posterior(world):
 
 
 def test_ppo_with_gae_and_a_hard_constraint():
-    prior = toy_a_prior()
-
-    @ba.target
-    def has_two():
-        y = pyro.sample("y", prior)
-        ba.constraint("has_two", (y.tokens == 2).any(-1))
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)
-        post = KLRL(steps=800, **GAE).fit(has_two)
+        post = KLRL(steps=800, **GAE).fit(has_two_target())
     assert all(math.isfinite(row["loss"]) for row in post.history)
     assert post.diagnostics.kl_target_policy < 0.02
     assert post.diagnostics.moments["has_two"][0] > 0.99

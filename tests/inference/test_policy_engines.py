@@ -6,7 +6,7 @@ import warnings
 import pyro
 import pytest
 import torch
-from conftest import conditional_world, toy_a_prior, toy_a_target
+from conftest import conditional_world, has_two_target, toy_a_prior, toy_a_target
 
 import bayesalign as ba
 from bayesalign.diagnostics import kl
@@ -65,32 +65,18 @@ def test_policy_engines_reach_the_exact_posterior(engine, world):
 
 
 def test_pointwise_constraint_with_dpg():
-    prior = toy_a_prior()
-
-    @ba.target
-    def has_two():
-        y = pyro.sample("y", prior)
-        ba.constraint("has_two", (y.tokens == 2).any(-1))
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)
-        post = DPG(**BUDGET).fit(has_two)
+        post = DPG(**BUDGET).fit(has_two_target())
     assert post.diagnostics.kl_target_policy < 0.01
     assert post.diagnostics.moments["has_two"][0] > 0.99
     assert math.exp(post.extras["running_log_z[None]"]) == pytest.approx(0.466, rel=0.05)
 
 
 def test_klrl_with_a_hard_constraint_stays_finite():
-    prior = toy_a_prior()
-
-    @ba.target
-    def has_two():
-        y = pyro.sample("y", prior)
-        ba.constraint("has_two", (y.tokens == 2).any(-1))
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)
-        post = KLRL(algorithm="rloo", **BUDGET).fit(has_two)
+        post = KLRL(algorithm="rloo", **BUDGET).fit(has_two_target())
     assert all(math.isfinite(row["loss"]) for row in post.history)
     assert post.diagnostics.kl_target_policy < 0.02
     assert post.diagnostics.moments["has_two"][0] > 0.99
