@@ -104,6 +104,8 @@ def next_token_log_probs(
         context_ids, context_attention = lm._encode_contexts(prefixes)
         input_ids = torch.cat([context_ids, input_ids], dim=1)
         attention = torch.cat([context_attention, attention], dim=1)
-    lm._check_length(input_ids.shape[1] + 1 - (length - 1), length - 1)
+    # As CausalLM counts it: the prefix and the text's first token are the context, the
+    # other length − 1 tokens the continuation.
+    lm._check_length(input_ids.shape[1] - (length - 1) + 1, length - 1)
     logits, _ = lm._forward(input_ids, attention, keep=length - 1)
     return adapted_log_probs(logits, lm.adaptors), mask[:, 1:]
