@@ -28,7 +28,7 @@ from bayesalign.training import Trainer
 from bayesalign.training.checkpoints import verify
 from bayesalign.training.processes import rank_seed
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 8, 4  # per process: the 1-process runs use 2 × BATCH, or BATCH × 2 accumulations
 # Observed: 5e-7 for MLE, 1e-6 for conditional training (float32 sums in another order); a wrong
 # shard or average moves it by > 1e-2 (rank 0's half of the conditional batch alone: 0.1).
@@ -154,12 +154,14 @@ def low_tokens_target() -> ba.Target:
 
 
 @contextlib.contextmanager
-def training_draws(seed: int, ranks: int = 1) -> Iterator[list[torch.Tensor]]:
-    """Record the tokens a policy draws while it trains. With ``ranks`` = 2, one process draws
-    each training batch as 2 launched processes do: half under each rank's RNG stream (seeded
-    `rank_seed`, carried from batch to batch), concatenated in rank order."""
+def training_draws(seed: int, ranks: int = 1,
+                   distribution: type = CausalLM) -> Iterator[list[torch.Tensor]]:
+    """Record the tokens a policy (an instance of ``distribution``) draws while it trains. With
+    ``ranks`` = 2, one process draws each training batch as 2 launched processes do: half under
+    each rank's RNG stream (seeded `rank_seed`, carried from batch to batch), concatenated in
+    rank order."""
     drawn: list[torch.Tensor] = []
-    sample, run = CausalLM.sample_batch, Trainer.run
+    sample, run = distribution.sample_batch, Trainer.run
     streams: dict[int, torch.Tensor] = {}
     training = False
 
@@ -184,12 +186,13 @@ def training_draws(seed: int, ranks: int = 1) -> Iterator[list[torch.Tensor]]:
                         torch.manual_seed(rank_seed(seed, rank))
                     parts.append(sample(self, num_samples // ranks))
                     streams[rank] = torch.get_rng_state()
-            y = Sequences.cat(parts, pad_token_id=self.pad_token_id)
+            # Tabular policies have no pad id: their sequences are of one width, masked with 0.
+            y = Sequences.cat(parts, pad_token_id=getattr(self, "pad_token_id", 0))
         if training:
             drawn.append(y.tokens.clone())
         return y
 
-    with mock.patch.object(CausalLM, "sample_batch", sample_batch), \
+    with mock.patch.object(distribution, "sample_batch", sample_batch), \
             mock.patch.object(Trainer, "run", training_run):
         yield drawn
 
