@@ -1,24 +1,34 @@
 """What a prior pretrained by ``bayesalign pretrain`` reports about itself: its corpus and split,
-held-out loss curve, how many of its unconditional samples parse as Python, and the model card
+held-out loss curve, how many of its unconditional samples parse and read as Python, and the model card
 (``MODEL_CARD.md`` for people, ``card.json`` for programs)."""
 
 from __future__ import annotations
 
+import ast
+import io
 import json
+import keyword
 import math
 import shlex
 import sys
+import tokenize
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from bayesalign.seeding import seeded
 from bayesalign.sequences import Sequences
 
+from ..causal_lm import CausalLM
 from ..corpus_prior import Corpus
 from ..corpus_source import split_files
 from ..scorers import parses
 
 SAMPLES_IN_CARD = 8  # samples kept in card.json; MODEL_CARD.md shows the first 3
+# The yardstick of a prior that writes Python: short samples read whole (as drawn, whether they
+# ended with EOS or were cut), not prefixes of long ones.
+WHOLE_SAMPLES, WHOLE_SAMPLE_TOKENS = 256, 64
 
 
 def sample_report(samples: Sequences, eos_token_id: int, sample_tokens: int) -> dict:
@@ -32,6 +42,49 @@ def sample_report(samples: Sequences, eos_token_id: int, sample_tokens: int) -> 
         "ended_fraction": float(ended.double().mean()),  # reached EOS within sample_tokens
         "empty_fraction": sum(not t.strip() for t in texts) / len(texts),
         "samples": texts[:SAMPLES_IN_CARD],
+    }
+
+
+def reads_as_python(text: str) -> bool:
+    """Whether Python's own tokenizer finds a keyword (``def``, ``return``, ``import``, ...) as
+    code, not inside a string or comment, before the text stops being tokenizable."""
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.NAME and keyword.iskeyword(token.string):
+                return True
+    except (tokenize.TokenError, SyntaxError, ValueError):  # read up to the first bad token
+        pass
+    return False
+
+
+def parses_to_code(text: str) -> bool:
+    """Whether ``ast.parse`` accepts the text and finds a statement in it: a blank or
+    comment-only sample parses but is not code."""
+    try:
+        with warnings.catch_warnings():  # invalid escapes warn for every sample
+            warnings.simplefilter("ignore")
+            return bool(ast.parse(text).body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+        return False
+
+
+def whole_sample_report(policy: CausalLM, seed: int) -> dict:
+    """How many of `WHOLE_SAMPLES` unconditional samples of at most `WHOLE_SAMPLE_TOKENS`
+    tokens parse to code and read as Python, drawn with ``seed``."""
+    lm = CausalLM(policy.model, policy.tokenizer, max_new_tokens=WHOLE_SAMPLE_TOKENS)
+    with seeded(seed):
+        samples = lm.sample_batch(WHOLE_SAMPLES)
+    texts = samples.text
+    parsed = [parses_to_code(t) for t in texts]
+    ended = samples.tokens.eq(policy.eos_token_id).any(-1).tolist()
+    return {
+        "num_samples": len(texts),
+        "sample_tokens": WHOLE_SAMPLE_TOKENS,
+        "parse_fraction": sum(parsed) / len(texts),
+        "python_fraction": sum(map(reads_as_python, texts)) / len(texts),
+        "ended_fraction": sum(ended) / len(texts),
+        "empty_fraction": sum(not t.strip() for t in texts) / len(texts),
+        "parsing_samples": [t for t, ok in zip(texts, parsed) if ok][:SAMPLES_IN_CARD],
     }
 
 
@@ -74,6 +127,7 @@ def model_card(output: Path, posterior: Any, corpus: Corpus, options: dict,
         "heldout_loss_initial": curve[0][1],
         "heldout_curve": curve,
         **sample_report(posterior.samples, policy.eos_token_id, policy.max_new_tokens),
+        "whole_samples": whole_sample_report(policy, options["seed"]),
         "training_wall_time_s": sum(row["seconds"] for row in history),
         "device": config["device"],
         "processes": processes,
@@ -97,7 +151,7 @@ def _versions() -> dict[str, str]:
 def write_card(output: Path, card: dict) -> None:
     """``card.json`` (every figure) and ``MODEL_CARD.md`` (the same, for a reader)."""
     (output / "card.json").write_text(json.dumps(card, indent=1) + "\n")
-    split = card["split"]
+    split, whole = card["split"], card["whole_samples"]
     lines = [
         f"# {output.name}: a GPT-2 prior pretrained with `bayesalign pretrain`",
         "",
@@ -125,6 +179,12 @@ def write_card(output: Path, card: dict) -> None:
         f"| unconditional samples that `ast.parse` | {card['parse_fraction']:.1%} of "
         f"{card['num_samples']} (≤ {card['sample_tokens']} tokens; "
         f"{card['ended_fraction']:.0%} ended with EOS, {card['empty_fraction']:.0%} empty) |",
+        f"| whole samples (≤ {whole['sample_tokens']} tokens) that parse / read as Python | "
+        f"{whole['parse_fraction']:.1%} / {whole['python_fraction']:.1%} of "
+        f"{whole['num_samples']} ({whole['ended_fraction']:.0%} ended with EOS, "
+        f"{whole['empty_fraction']:.0%} empty; parse = `ast.parse` finds a statement, so blank "
+        "and comment-only texts do not count; read as Python = a keyword outside strings and "
+        "comments) |",
         f"| training wall time | {card['training_wall_time_s']:.0f} s "
         f"({card['tokens_seen'] / max(card['training_wall_time_s'], 1e-9):,.0f} tokens/s) |",
         f"| device | {card['device']} |",
@@ -149,6 +209,11 @@ def write_card(output: Path, card: dict) -> None:
     for i, sample in enumerate(card["samples"][:3]):
         lines += [f"Sample {i + 1} ({'parses' if bool(parses(sample)[0]) else 'does not parse'}):", "",
                   "````python", sample.rstrip("\n"), "````", ""]
+    parsing = whole["parsing_samples"][:3]
+    lines += ["## Whole samples that parse", "",
+              *([] if parsing else [f"None of the {whole['num_samples']} parsed.", ""])]
+    for sample in parsing:
+        lines += ["````python", sample.rstrip("\n"), "````", ""]
     (output / "MODEL_CARD.md").write_text("\n".join(lines))
 
 

@@ -3,6 +3,7 @@ training split): a tiny run on a slice of the stdlib loads, samples and reports;
 bit-identical; checkpoints of the earlier pretrain are refused; held-out files are split by
 file; corpora without text fail clearly."""
 
+import ast
 import csv
 import json
 import re
@@ -19,6 +20,7 @@ from bayesalign.inference.pretraining_run import pretrain
 from bayesalign.models import CausalLM, scorers
 from bayesalign.models.corpus_source import documents, split_files
 from bayesalign.models.pretraining import Blocks, copy_stdlib_slice, find_corpus, python_segments
+from bayesalign.models.pretraining.card import parses_to_code, reads_as_python
 from bayesalign.training.checkpoints import write_manifest
 
 STEPS = 300  # a few hundred tiny steps: ~15 s on one loaded core
@@ -69,8 +71,34 @@ def test_the_card_reports_corpus_split_tokens_loss_parse_rate_time_and_command(t
     assert card["training_wall_time_s"] > 0
     assert "pretrain" in card["command"] and card["corpus"] == str(stdlib_slice.resolve())
     assert card["model"]["safetensors_bytes"] == (tiny_run / "model.safetensors").stat().st_size
+    whole = card["whole_samples"]
+    assert whole["num_samples"] == 256 and whole["sample_tokens"] == 64
+    assert 0 <= whole["parse_fraction"] <= 1 - whole["empty_fraction"]  # blank does not count
+    assert all(ast.parse(t).body for t in whole["parsing_samples"])
     text = (tiny_run / "MODEL_CARD.md").read_text()
     assert "held-out perplexity" in text and card["command"] in text
+    assert "whole samples (≤ 64 tokens) that parse / read as Python" in text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("def f(x):\n    return x\n", True),
+    ("x = (1, 2", False),  # names, no keyword
+    ("return", True),
+    ("# def in a comment\nx = 1\n", False),
+    ("s = 'import os'\n", False),
+    ("", False),
+    ("lmd_ince(aeof) if cap", True),  # 'if' as code, even in a text that does not parse
+])
+def test_reads_as_python_finds_a_keyword_outside_strings_and_comments(text, expected):
+    assert reads_as_python(text) is expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("x = 1\n", True), ('"""A docstring."""', True), ("", False), ("# only a comment\n", False),
+    ("def f(:\n", False), ("a\x00b", False),
+])
+def test_a_sample_parses_to_code_when_it_holds_a_statement(text, expected):
+    assert parses_to_code(text) is expected
 
 
 def test_heldout_loss_decreased_from_step_zero(tiny_run):
