@@ -168,6 +168,10 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
         "1 is often faster on cores shared with other jobs)")
     add("--resume", action=argparse.BooleanOptionalAction, default=True,
         help="continue from checkpoints in --output (default); --no-resume discards them")
+    add("--log-with", metavar="TRACKER", help="send the history to an accelerate tracker "
+        "(tensorboard, wandb, mlflow, ...; default: none)")
+    add("--tracker-dir", metavar="DIR", help="where file-based trackers write (default: "
+        "OUTPUT/training/checkpoints/trackers)")
     _add_objectives(add)
     pretrain.set_defaults(run=_pretrain)
 

@@ -70,8 +70,10 @@ def parses_to_code(text: str) -> bool:
 
 def whole_sample_report(policy: CausalLM, seed: int) -> dict:
     """How many of `WHOLE_SAMPLES` unconditional samples of at most `WHOLE_SAMPLE_TOKENS`
-    tokens parse to code and read as Python, drawn with ``seed``."""
-    lm = CausalLM(policy.model, policy.tokenizer, max_new_tokens=WHOLE_SAMPLE_TOKENS)
+    tokens (fewer where the model's context, after its one-token start, is shorter) parse to
+    code and read as Python, drawn with ``seed``."""
+    tokens = min(WHOLE_SAMPLE_TOKENS, policy.model.config.n_positions - 1)
+    lm = CausalLM(policy.model, policy.tokenizer, max_new_tokens=tokens)
     with seeded(seed):
         samples = lm.sample_batch(WHOLE_SAMPLES)
     texts = samples.text
@@ -79,7 +81,7 @@ def whole_sample_report(policy: CausalLM, seed: int) -> dict:
     ended = samples.tokens.eq(policy.eos_token_id).any(-1).tolist()
     return {
         "num_samples": len(texts),
-        "sample_tokens": WHOLE_SAMPLE_TOKENS,
+        "sample_tokens": tokens,
         "parse_fraction": sum(parsed) / len(texts),
         "python_fraction": sum(map(reads_as_python, texts)) / len(texts),
         "ended_fraction": sum(ended) / len(texts),

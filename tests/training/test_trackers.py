@@ -1,12 +1,14 @@
 """The history reaches accelerate's trackers: a TensorBoard event file read back holds every
 history scalar at its step (DPG and KL-RL through the one Trainer)."""
 
+import csv
 import math
 
 import pytest
-from conftest import toy_a_target
+from conftest import toy_a_target, write_corpus
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bayesalign.app.cli import main
 from bayesalign.errors import ConfigError
 from bayesalign.inference import DPG, KLRL
 
@@ -44,3 +46,20 @@ def test_trackers_are_off_by_default_and_checked(tmp_path):
     assert not list(tmp_path.rglob("events.out.tfevents*"))
     with pytest.raises(ConfigError, match="log_with='tensorbored' is not a tracker"):
         DPG(log_with="tensorbored")
+
+
+def test_bayesalign_pretrain_sends_its_history_to_tensorboard(tmp_path):
+    corpus, output, events = write_corpus(tmp_path / "corpus"), tmp_path / "run", tmp_path / "tb"
+    assert main(["pretrain", "--corpus", str(corpus), "--output", str(output), "--max-steps", "4",
+                 "--block-size", "32", "--batch-size", "4", "--eval-every", "2",
+                 "--eval-samples", "4", "--heldout-fraction", "0.34", "--no-progress",
+                 "--log-with", "tensorboard", "--tracker-dir", str(events)]) == 0
+    with (output / "training" / "history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    logged = read_scalars(events)
+    got = sorted(logged["loss"])
+    assert [s for s, _ in got] == [int(row["step"]) for row in history] == [0, 1, 2, 3]
+    assert all(math.isclose(v, float(row["loss"]), rel_tol=1e-6)
+               for (_, v), row in zip(got, history))
+    assert [s for s, _ in sorted(logged["heldout_loss"])] == [
+        int(row["step"]) for row in history if row.get("heldout_loss")]
