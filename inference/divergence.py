@@ -136,6 +136,15 @@ class DivergenceState:
         self.low_ess_checks, self.reported = state["low_ess_checks"], list(state["reported"])
         self.high_drift_checks = state["high_drift_checks"]
 
+    def load_from(self, engine_state: dict, engine: str) -> None:
+        """Restore the monitor from its engine's checkpointed state, refusing a state written
+        before the engines had a monitor rather than starting one afresh mid-run."""
+        if "divergence" not in engine_state:
+            raise ConfigError(f"the checkpoint's {engine} state has no divergence monitor (it was "
+                              "written by an older version of this engine); use a new "
+                              "checkpoint_dir")
+        self.load_state_dict(engine_state["divergence"])
+
 
 class DivergenceMonitor:
     """Reads each step's weights, returns the signals' values for the history, and warns or
