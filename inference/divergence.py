@@ -136,6 +136,15 @@ class DivergenceState:
         self.low_ess_checks, self.reported = state["low_ess_checks"], list(state["reported"])
         self.high_drift_checks = state["high_drift_checks"]
 
+    def load_from(self, engine_state: dict, engine: str) -> None:
+        """Restore the monitor from its engine's checkpointed state, refusing a state written
+        before the engines had a monitor rather than starting one afresh mid-run."""
+        if "divergence" not in engine_state:
+            raise ConfigError(f"the checkpoint's {engine} state has no divergence monitor (it was "
+                              "written by an older version of this engine); use a new "
+                              "checkpoint_dir")
+        self.load_state_dict(engine_state["divergence"])
+
 
 class DivergenceMonitor:
     """Reads each step's weights, returns the signals' values for the history, and warns or
@@ -194,8 +203,8 @@ class DivergenceMonitor:
         if drifts:
             worst["log_z_drift_se"] = max(drifts)
         low = worst["ess_fraction"] < options.divergence_ess_fraction
-        self.state.low_ess_checks = self.state.low_ess_checks + 1 if low else 0
-        if self.state.low_ess_checks >= options.divergence_patience:
+        self.state.low_ess_checks, lasting = self._consecutive(self.state.low_ess_checks, low)
+        if lasting:
             self._report(step, "ess_fraction", f"the importance weights' ESS fraction has been "
                          f"below divergence_ess_fraction={options.divergence_ess_fraction} for "
                          f"{self.state.low_ess_checks} consecutive steps (now "
@@ -207,13 +216,19 @@ class DivergenceMonitor:
                          f"{options.divergence_kl_multiple}")
         drift = worst.get("log_z_drift_se", 0.0)
         high = drift > options.divergence_log_z_se
-        self.state.high_drift_checks = self.state.high_drift_checks + 1 if high else 0
-        if self.state.high_drift_checks >= options.divergence_patience:
+        self.state.high_drift_checks, lasting = self._consecutive(self.state.high_drift_checks, high)
+        if lasting:
             self._report(step, "log_z", f"the step's log Ẑ has been more than "
                          f"divergence_log_z_se={options.divergence_log_z_se} standard errors from "
                          f"the running log Ẑ for {self.state.high_drift_checks} consecutive steps "
                          f"(now {drift:.3g})")
         return {f"monitor_{k}": v for k, v in worst.items()}
+
+    def _consecutive(self, checks: int, bad: bool) -> tuple[int, bool]:
+        """A signal's count of consecutive bad checks after this one (one longer, or 0 on a good
+        check) and whether it has lasted ``divergence_patience`` checks: one bad step is noise."""
+        checks = checks + 1 if bad else 0
+        return checks, checks >= self.options.divergence_patience
 
     def _report(self, step: int, signal: str, what: str) -> None:
         message = f"{self.engine} diverges at step {step}: {what}"

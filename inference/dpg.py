@@ -24,7 +24,7 @@ policy at the batch's first update) has left [1 − ε, 1 + ε] in the direction
 as PPO clips, so the updates stay near the policy that drew the batch. With ``replay_size`` the
 last draws of each context are pooled and each batch takes ``replay_fraction`` of its rows from
 the pool (uniformly) and the rest fresh; Ẑ and the divergence monitor see the fresh draws only,
-each once.
+each once. What a run carries from step to step and checkpoints: `dpg_state`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 from bayesalign.training.processes import gather
 
-from .divergence import DivergenceMonitor, DivergenceOptions, DivergenceState
+from .divergence import DivergenceMonitor, DivergenceOptions
+from .dpg_state import DPGState, Proposal
 from .policy import (
     PolicyEngineConfig,
     ScoredBatch,
@@ -53,17 +54,9 @@ from .policy import (
     mean_metrics,
     pick_contexts,
     require_loss_normalisation,
-    require_same_contexts,
     score_batch,
 )
-from .replay import (
-    HeldBatch,
-    ReplayPool,
-    StoredDraws,
-    available_memory,
-    max_length,
-    require_pool_fits,
-)
+from .replay import HeldBatch, ReplayPool, StoredDraws, available_memory, max_length, require_pool_fits
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
 MAX_LOG_RATIO = 50.0
@@ -90,87 +83,6 @@ def clip_mask(coefficient: torch.Tensor, log_ratio: torch.Tensor, clip: float) -
     ratio = torch.exp(log_ratio)
     dropped = ((coefficient < 0) & (ratio > 1 + clip)) | ((coefficient > 0) & (ratio < 1 - clip))
     return (~dropped).to(coefficient.dtype)
-
-
-class Proposal:
-    """The off-policy proposal q: starts at the prior, becomes a frozen copy of π on a swap."""
-
-    def __init__(self, initial: SequenceDistribution, policy: SequenceDistribution) -> None:
-        self.initial = initial
-        self.policy = policy
-        self.copy: SequenceDistribution | None = None
-        self.swaps = 0
-
-    def current(self) -> SequenceDistribution:
-        return self.copy if self.copy is not None else self.initial
-
-    def swap(self) -> None:
-        copy = self.policy.trainable_copy()
-        copy.module.requires_grad_(False)
-        self.copy = copy
-        self.swaps += 1
-
-
-@dataclass
-class DPGState:
-    """What a DPG run checkpoints besides the policy: which contexts it trains on, the running
-    log Ẑ_c, the f-DPG baseline b, the off-policy proposal (None on-policy), the divergence
-    monitor's state, the replay pool (None without one), the batches held for the next updates
-    (per micro-batch index) and how many samples were drawn."""
-
-    contexts: str  # `contexts_digest` of the training contexts
-    baseline: float  # b of §2.3: E_π f' = −1 for forward KL; a running mean of f' otherwise
-    proposal: Proposal | None
-    log_sum: dict[str, float] = field(default_factory=dict)  # per context: log Σ of all weights
-    count: dict[str, int] = field(default_factory=dict)  # per context: how many weights
-    divergence: DivergenceState = field(default_factory=DivergenceState)
-    pool: ReplayPool | None = None
-    held: dict[int, list[HeldBatch]] = field(default_factory=dict)
-    samples_drawn: int = 0  # fresh training draws, all processes (proposal checks excluded)
-
-    def update_log_z(self, key: str, log_w: torch.Tensor) -> float:
-        """Pool a batch's weights into the running mean Ẑ_c over all steps (§2.2)."""
-        batch = float(torch.logsumexp(log_w, 0))
-        self.log_sum[key] = float(torch.logaddexp(torch.tensor(self.log_sum.get(key, -math.inf)),
-                                                  torch.tensor(batch)))
-        self.count[key] = self.count.get(key, 0) + log_w.numel()
-        return self.log_z(key)
-
-    def log_z(self, key: str) -> float:
-        return self.log_sum[key] - math.log(self.count[key])
-
-    def reused(self, micro_step: int, updates_per_batch: int) -> list[HeldBatch] | None:
-        """The batches this micro-batch index reuses, None when a fresh draw is due."""
-        held = self.held.get(micro_step)
-        return held if held and held[0].updates < updates_per_batch else None
-
-    def state_dict(self) -> dict:
-        proposal = self.proposal
-        copy = proposal.copy.module.state_dict() if proposal and proposal.copy else None
-        return {"contexts": self.contexts, "baseline": self.baseline, "log_sum": dict(self.log_sum),
-                "count": dict(self.count), "swaps": proposal.swaps if proposal else 0,
-                "proposal": copy, "divergence": self.divergence.state_dict(),
-                "pool": None if self.pool is None else self.pool.state_dict(),
-                "held": self.held, "samples_drawn": self.samples_drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        require_same_contexts(state["contexts"], self.contexts)
-        if "divergence" not in state:
-            raise ConfigError("the checkpoint's DPG state has no divergence monitor (it was "
-                              "written by an older version of this engine); use a new "
-                              "checkpoint_dir")
-        self.divergence.load_state_dict(state["divergence"])
-        self.baseline, self.log_sum, self.count = state["baseline"], state["log_sum"], state["count"]
-        # Checkpoints from before draws were reused hold none: nothing is held or pooled yet.
-        self.held = state.get("held", {})
-        self.samples_drawn = state.get("samples_drawn", 0)
-        if self.pool is not None and state.get("pool") is not None:
-            self.pool.load_state_dict(state["pool"])
-        if self.proposal is not None:
-            if state["proposal"] is not None:
-                self.proposal.swap()
-                self.proposal.copy.module.load_state_dict(state["proposal"])
-            self.proposal.swaps = state["swaps"]
 
 
 @dataclass
@@ -263,8 +175,8 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
                 state.samples_drawn += log_w.numel()
                 log_z = self._update_log_z(state, log_w, fresh, step_index,
                                            several=len(contexts) > 1)
-                batch = fresh if pool is None else self._with_replayed(
-                    pool, fresh, replayed, trainer.device)
+                batch = fresh if pool is None else pool.with_replayed(fresh, replayed,
+                                                                      trainer.device)
                 loss, info, log_pi = self._loss(conditional, batch, log_z, state,
                                                 measured=len(fresh.y))
                 if self.updates_per_batch > 1:
@@ -290,19 +202,6 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
                        "batch_size": self.batch_size, "updates_per_batch": self.updates_per_batch,
                        "replay_size": self.replay_size}, self.eval_samples,
                       {**running, "samples_drawn": float(state.samples_drawn)}, seed=self.seed)
-
-    def _with_replayed(self, pool: ReplayPool, fresh: ScoredBatch, replayed: int,
-                       device: torch.device) -> ScoredBatch:
-        """The fresh draws and up to ``replayed`` earlier ones of the same context (each with the
-        log q that drew it); the fresh ones then join the pool."""
-        key = str(fresh.context)
-        stored = StoredDraws.of(fresh)
-        if len(pool) == 0:  # for a policy that does not say its length, the first draws' width
-            require_pool_fits(pool.capacity, 1, stored.tokens.shape[1], available_memory())
-        old = pool.sample(key, replayed)
-        pool.add(key, stored)
-        return fresh if old is None else StoredDraws.cat([stored, old]).batch(fresh.context,
-                                                                              device)
 
     def _reuse_step(self, policy: SequenceDistribution, held: list[HeldBatch], state: DPGState,
                     device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:

@@ -19,14 +19,15 @@ is a per-token mean over each sequence already. Divergence detection: `divergenc
 
 PPO's advantages: ``advantage="rloo"`` (the default) gives every token of a sequence its RLOO
 advantage; ``advantage="gae"`` trains a value head (`value_head`) with a clipped value loss and
-gives token t the GAE of the per-token rewards −c·k_t, plus log L on the last token.
+gives token t the GAE of the per-token rewards −c·k_t, plus log L on the last token. What a run
+carries from step to step and checkpoints (c, the baseline, the PPO rollout): `klrl_state`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -39,7 +40,8 @@ from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer
 from bayesalign.training.processes import gather
 
-from .divergence import DivergenceMonitor, DivergenceOptions, DivergenceState
+from .divergence import DivergenceMonitor, DivergenceOptions
+from .klrl_state import KLRLState, PPORollout, RolloutGroup
 from .policy import (
     PolicyEngineConfig,
     ScoredBatch,
@@ -48,7 +50,6 @@ from .policy import (
     mean_metrics,
     pick_contexts,
     require_loss_normalisation,
-    require_same_contexts,
     score_batch,
 )
 from .value_head import (
@@ -90,67 +91,6 @@ def clipped_surrogate(new: torch.Tensor, old: torch.Tensor, advantage: torch.Ten
     clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
     surrogate = torch.minimum(ratio * advantage, clipped * advantage)
     return (surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-@dataclass
-class RolloutGroup:
-    """One context's draws in a PPO rollout, as plain tensors (no decoder closure) so a
-    checkpoint taken mid-rollout pickles."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    row_context: Any  # the draws' per-row contexts (`Sequences.context`)
-    context: Any
-    old_log_probs: torch.Tensor  # [batch, length]: per-token log π_old
-    advantage: torch.Tensor  # [batch] RLOO advantages, or [batch, length] GAE
-    old_values: torch.Tensor | None = None  # GAE: [batch, length] V_old per token
-    returns: torch.Tensor | None = None  # GAE: [batch, length] value targets A + V_old
-
-
-@dataclass
-class PPORollout:
-    """A PPO rollout: its groups and the metrics of the step that drew it."""
-
-    groups: list[RolloutGroup]
-    metrics: dict[str, float]
-
-
-@dataclass
-class KLRLState:
-    """What a KL-RL run checkpoints besides the policy: which contexts it trains on, the KL
-    multiplier c, REINFORCE's reward baseline, the PPO rollout (None before the first) and the
-    divergence monitor's state."""
-
-    contexts: str  # `contexts_digest` of the training contexts
-    kl_scale: float
-    reward_baseline: float = 0.0
-    rollout: PPORollout | None = None
-    divergence: DivergenceState = field(default_factory=DivergenceState)
-
-    def reinforce_advantage(self, reward: torch.Tensor) -> torch.Tensor:
-        """R − b with b a moving average of past mean rewards (§3.2), then b is updated."""
-        advantage = reward - self.reward_baseline
-        self.reward_baseline = 0.9 * self.reward_baseline + 0.1 * float(gather(reward).mean())
-        return advantage
-
-    def adapt_kl_scale(self, kl: float, target_kl: float, gain: float) -> None:
-        """Ziegler et al.'s controller c ← c(1 + K·clip(KL/KL_target − 1, ±0.2)) (§3.2)."""
-        self.kl_scale *= 1 + gain * max(-0.2, min(0.2, kl / target_kl - 1))
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        require_same_contexts(state["contexts"], self.contexts)
-        if "divergence" not in state:
-            raise ConfigError("the checkpoint's KLRL state has no divergence monitor (it was "
-                              "written by an older version of this engine); use a new "
-                              "checkpoint_dir")
-        self.divergence.load_state_dict(state["divergence"])
-        rollout = state["rollout"]
-        self.kl_scale, self.reward_baseline = state["kl_scale"], state["reward_baseline"]
-        self.rollout = None if rollout is None else PPORollout(
-            [RolloutGroup(**group) for group in rollout["groups"]], rollout["metrics"])
 
 
 @dataclass

@@ -109,6 +109,19 @@ class ReplayPool:
             merged = merged.rows(torch.arange(len(merged) - self.capacity, len(merged)))
         self.draws[key] = merged
 
+    def with_replayed(self, fresh: ScoredBatch, replayed: int,
+                      device: torch.device) -> ScoredBatch:
+        """The fresh draws and up to ``replayed`` earlier ones of the same context (each with the
+        log q that drew it); the fresh ones then join the pool."""
+        key = str(fresh.context)
+        stored = StoredDraws.of(fresh)
+        if len(self) == 0:  # for a policy that does not say its length, the first draws' width
+            require_pool_fits(self.capacity, 1, stored.tokens.shape[1], available_memory())
+        old = self.sample(key, replayed)
+        self.add(key, stored)
+        return fresh if old is None else StoredDraws.cat([stored, old]).batch(fresh.context,
+                                                                              device)
+
     def sample(self, key: str, num_samples: int) -> StoredDraws | None:
         """Up to ``num_samples`` of the context's draws, uniformly without replacement (torch's
         RNG, so a resumed run picks the same); None when the pool holds none for it."""

@@ -10,7 +10,7 @@ from conftest import has_two_target, toy_a_prior, toy_a_target
 from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError
 from bayesalign.inference import DPG, KLRL
 from bayesalign.inference.divergence import DivergenceState, PooledWeights
-from bayesalign.inference.dpg import DPGState
+from bayesalign.inference.dpg_state import DPGState
 from bayesalign.inference.policy import ScoredBatch
 from bayesalign.sequences import Sequences, mask_through_eos
 from bayesalign.training.trainer import learning_rate_at

@@ -11,7 +11,8 @@ from conftest import toy_a_prior, toy_a_target
 from bayesalign.diagnostics import kl
 from bayesalign.errors import ConfigError, DivergenceWarning
 from bayesalign.inference import DPG, Exact
-from bayesalign.inference.dpg import DPGState, clip_mask
+from bayesalign.inference.dpg import clip_mask
+from bayesalign.inference.dpg_state import DPGState
 from bayesalign.inference.policy import score_batch
 from bayesalign.inference.replay import (
     ReplayPool,
