@@ -1,8 +1,9 @@
 """`CausalLM`: any transformers causal LM as a prior or proposal over token sequences.
 
-Sampling is a manual KV-cache loop (not ``model.generate``) so that each sample's exact log q
-under the adapted law (SPEC §8.2) is accumulated while it is drawn; ``log_prob`` recomputes the
-same quantity in one forward pass, and the two agree (DESIGN.md, "Conventions").
+Sampling is a manual KV-cache loop (not ``model.generate``; models/stepping.py) so that each
+sample's exact log q under the adapted law (SPEC §8.2) is accumulated while it is drawn;
+``log_prob`` recomputes the same quantity in one forward pass, and the two agree (DESIGN.md,
+"Conventions"). This module holds the model and tokenizer, the prompts' encoding and scoring.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import inspect
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -24,49 +24,18 @@ from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError, VocabularyMismatchError
 from bayesalign.sequences import Sequences, mask_through_eos
 
+from . import stepping
 from .adaptors import Adaptor, BanTokens, adapted_log_probs, make_adaptors
 from .decoding import tokenizer_decoder
-from .kv_cache import preallocated_cache
 from .lora_options import base_forward
+from .stepping import DecodingState
+from .stepping import draw as draw  # re-exported: tests import draw from here
 
 Prompt = str | list[str] | None
 # from_pretrained's dtype keyword: `dtype` since transformers 4.56 (where `torch_dtype` is
 # deprecated), `torch_dtype` before.
 _TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 _DTYPE_KEYWORD = "dtype" if _TRANSFORMERS >= (4, 56) else "torch_dtype"
-
-
-@dataclass
-class DecodingState:
-    """Where a step-by-step draw from a `CausalLM` stands, one row per sequence (`CausalLM.start`).
-
-    ``logits`` ``[n, V]`` are the next token's (before adaptors); ``attention`` has room for
-    every step, of which the first ``width`` columns are fed; ``positions`` ``[n]`` is each
-    row's next position id (its real tokens so far: prompts are left-padded).
-    """
-
-    contexts: list[str | None]
-    logits: torch.Tensor
-    cache: object
-    attention: torch.Tensor
-    width: int
-    positions: torch.Tensor
-
-
-def draw(log_probs: torch.Tensor) -> torch.Tensor:
-    """One token per row from ``exp(log_probs)`` ``[n, V]``, by inverting each row's CDF.
-
-    One uniform per row instead of `torch.multinomial`'s one exponential per vocabulary entry
-    (14% of sampling time on CPU); the CDF is float64 so a 10⁵-token vocabulary keeps its tail.
-    A token of probability 0 (an adaptor's -inf) is never drawn: the search lands on the first
-    entry whose CDF exceeds u, and is capped at the last entry of positive probability.
-    """
-    cdf = log_probs.double().exp_().cumsum_(-1)
-    total = cdf[:, -1:].contiguous()
-    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
-    token = torch.searchsorted(cdf, u, right=True)
-    last = torch.searchsorted(cdf, total)  # first entry reaching the total: the last with p > 0
-    return torch.minimum(token, last).squeeze(-1)
 
 
 class CausalLM(SequenceDistribution):
@@ -282,74 +251,32 @@ class CausalLM(SequenceDistribution):
         """
         contexts = self._contexts(num_rows)
         input_ids, attention = self._encode_contexts(contexts)
-        width = input_ids.shape[1]
-        self._check_length(width, self.max_new_tokens)
-        # Room for every token that will be fed: all but the last drawn.
-        room = width + self.max_new_tokens - 1
-        logits, cache = self._forward(input_ids, attention, keep=1, use_cache=True,
-                                      cache=preallocated_cache(self.model, room))
-        attention = torch.cat([attention, attention.new_ones((num_rows, room - width))], dim=1)
-        return DecodingState(contexts, logits[:, -1], cache, attention, width,
-                             attention[:, :width].sum(-1))
+        self._check_length(input_ids.shape[1], self.max_new_tokens)
+        return stepping.prefill(self._forward, self.model, contexts, input_ids, attention,
+                                self.max_new_tokens)
 
     def next_log_probs(self, state: DecodingState, rows: torch.Tensor | None = None
                        ) -> torch.Tensor:
         """Adapted next-token log-probabilities ``[rows, V]`` (float32 or wider) of ``rows``
         (all by default): the law each row's next token is drawn from."""
-        logits = state.logits if rows is None else state.logits[rows.to(state.logits.device)]
-        return adapted_log_probs(logits, self.adaptors)
+        return stepping.next_log_probs(state, self.adaptors, rows)
 
     @torch.no_grad()
     def step(self, state: DecodingState, tokens: torch.Tensor) -> DecodingState:
         """Feed one token per row (pad for a finished row: the batch never changes shape) and
         set ``state.logits`` to the next token's; updates ``state`` in place and returns it."""
-        if state.width == state.attention.shape[1]:  # more steps than max_new_tokens
-            state.attention = torch.cat([state.attention, state.attention[:, -1:]], dim=1)
-        state.width += 1
-        logits, state.cache = self._forward(
-            tokens.to(state.logits.device)[:, None], state.attention[:, :state.width], keep=1,
-            use_cache=True, cache=state.cache, positions=state.positions[:, None])
-        state.logits = logits[:, -1]
-        state.positions = state.positions + 1
-        return state
+        return stepping.step(self._forward, state, tokens)
 
     def reorder(self, state: DecodingState, index: torch.Tensor) -> DecodingState:
         """Row ``i`` becomes a copy of row ``index[i]`` (resampling: rows may repeat or vanish),
         cache included; updates ``state`` in place and returns it."""
-        device_index = index.to(state.logits.device)
-        state.cache.reorder_cache(device_index)
-        state.logits = state.logits[device_index]
-        state.attention = state.attention[device_index]
-        state.positions = state.positions[device_index]
-        state.contexts = [state.contexts[i] for i in index.tolist()]
-        return state
+        return stepping.reorder(state, index)
 
     @torch.no_grad()
     def sample_batch(self, num_samples: int) -> Sequences:
-        """Draw ``num_samples`` continuations with their exact log q (float64), KV cache on.
-
-        Each step's log-probabilities are computed once and serve both the draw and log q;
-        the loop stops as soon as every row has emitted EOS.
-        """
-        state = self.start(num_samples)
-        device = state.logits.device
-        finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        log_q = torch.zeros(num_samples, dtype=torch.float64, device=device)
-        tokens = torch.full((num_samples, self.max_new_tokens), self.pad_token_id,
-                            dtype=torch.long, device=device)
-        for step in range(self.max_new_tokens):
-            log_probs = self.next_log_probs(state)
-            token = draw(log_probs)
-            step_log_q = log_probs.gather(-1, token[:, None]).squeeze(-1)
-            log_q += step_log_q.double().masked_fill_(finished, 0.0)
-            token.masked_fill_(finished, self.pad_token_id)
-            tokens[:, step] = token
-            if self.eos_token_id is not None:
-                finished |= token == self.eos_token_id
-            if step == self.max_new_tokens - 1 or bool(finished.all()):
-                break
-            self.step(state, token)
-        tokens = tokens[:, :step + 1]
+        """Draw ``num_samples`` continuations with their exact log q (float64), KV cache on;
+        the loop stops as soon as every row has emitted EOS (`stepping.ancestral`)."""
+        state, tokens, log_q = stepping.ancestral(self, num_samples)
         return Sequences(
             tokens=tokens,
             mask=mask_through_eos(tokens, self.eos_token_id),
