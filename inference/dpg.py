@@ -101,7 +101,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
     off_policy: bool = False  # sample from a frozen proposal q, swapped to π when KL improves
     proposal: SequenceDistribution | None = None  # initial off-policy proposal (prior by default)
     proposal_update_interval: int = 16  # steps between KL checks for the proposal swap
-    proposal_update_samples: int = 512  # fresh draws from q for each KL check
+    proposal_update_samples: int = 512  # fresh draws from q for each KL check, per process
     per_context_z: bool = True  # CDPG's Ẑ_c; False is the single-global-Z ablation
     loss_normalisation: str = "sequence"  # "sequence": weight·log π; "token": log π / length
     updates_per_batch: int = 1  # optimizer steps on each batch of draws (weights P/q_draw)
@@ -149,11 +149,6 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         state = DPGState(contexts_digest(contexts), -1.0 if self.divergence == "kl" else 0.0,
                          proposal, pool=pool)
         trainer = Trainer(self, policy, name, {"dpg": state})
-        if trainer.accelerator.num_processes > 1 and (self.updates_per_batch > 1 or pool):
-            raise ConfigError(
-                f"{name}: updates_per_batch > 1 and replay_size run in one process only: each "
-                "process' held draws would be missing from the checkpoint, which the main "
-                "process writes alone")
         monitor = DivergenceMonitor(self, name, state.divergence, trainer.last_checkpoint_note)
 
         def step(step_index: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -269,7 +264,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         if log_old is not None and self.ratio_clip is not None:
             kept = clip_mask(coefficient, log_pi_detached - log_old, self.ratio_clip)
             coefficient = coefficient * kept
-            info["clipped_fraction"] = float(1 - kept.mean())
+            info["clipped_fraction"] = float(1 - gather(kept.double()).mean())  # all processes
         loss = (coefficient.to(log_pi.dtype) * scored).mean()
         return loss, info, log_pi_detached
 
@@ -284,11 +279,13 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         if (step_index + 1) % self.proposal_update_interval == 0:
             batch = score_batch(target, proposal.current().given(context),
                                 self.proposal_update_samples, context)
-            if torch.isfinite(batch.log_w).any():
-                with torch.no_grad():
-                    log_pi = policy.given(context).log_prob(batch.y).double()
-                kl_pi = dx.is_kl_target_policy(batch.log_score, batch.log_q, log_pi)
-                kl_q = dx.is_kl_target_policy(batch.log_score, batch.log_q, batch.log_q)
+            with torch.no_grad():
+                log_pi = policy.given(context).log_prob(batch.y).double()
+            # Every process' check draws: each process then takes the same decision.
+            log_score, log_q, log_pi = (gather(t) for t in (batch.log_score, batch.log_q, log_pi))
+            if torch.isfinite(log_score - log_q).any():
+                kl_pi = dx.is_kl_target_policy(log_score, log_q, log_pi)
+                kl_q = dx.is_kl_target_policy(log_score, log_q, log_q)
                 if kl_pi < kl_q:
                     proposal.swap()
                 checks = {"kl_target_policy_check": kl_pi, "kl_target_proposal_check": kl_q}

@@ -98,6 +98,55 @@ def test_two_processes_follow_one_process_drawing_both_ranks_samples(two_process
     assert ("log_z" in keys) == (name == "dpg")
 
 
+# DPG reusing each batch (K = 2, clipped) with GDC's proposal swap checked every 2 steps: the
+# held batches and the check's draws are each process' own; the 1-process run draws both ranks'.
+REUSE = {"updates_per_batch": 2, "ratio_clip": 0.2, "off_policy": True,
+         "proposal_update_interval": 2, "proposal_update_samples": 4}
+
+
+@pytest.fixture(scope="module")
+def reuse_runs(tmp_path_factory) -> tuple[Path, Path]:
+    two, one = tmp_path_factory.mktemp("reuse_two"), tmp_path_factory.mktemp("reuse_one")
+    launch_policy_engines(two, ["dpg"], **REUSE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)
+        fit_and_save("dpg", one, rank=0, ranks=2, batch_size=2 * POLICY_BATCH,
+                     **{**REUSE, "proposal_update_samples": 2 * REUSE["proposal_update_samples"]})
+    return two, one
+
+
+def test_draw_reuse_and_off_policy_dpg_follow_one_process(reuse_runs):
+    two, one = reuse_runs
+    ranks, single = [policy_run(two, "dpg", rank) for rank in (0, 1)], policy_run(one, "dpg")
+    # The reused steps' metrics and the swap check are the whole step's: one history for both.
+    assert logged(ranks[0]["history"]) == logged(ranks[1]["history"])
+    assert_close_histories(ranks[0]["history"], single["history"])
+    assert max_weight_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0
+    assert max_weight_difference(ranks[0]["weights"], single["weights"]) < TOLERANCE
+    rows = ranks[0]["history"]
+    assert [row["batch_update"] for row in rows] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert all("kl_target_policy_check" in rows[i] for i in (1, 3))
+    assert "clipped_fraction" in rows[1]
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_dpg_with_a_replay_pool_resumes_bit_identically(tmp_path):
+    """Each process' pool and held batch are in its own engine state, so a run SIGKILLed after
+    its first checkpoint resumes to the uninterrupted run's histories and weights."""
+    options = {"steps": 20, "replay_size": 8, "replay_fraction": 0.5, "updates_per_batch": 2}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    launch_policy_engines(whole, ["dpg"], **options)
+    kill_launch_after_first_checkpoint(policy_launch(killed, ["dpg"], **options),
+                                       killed / "dpg" / "checkpoints", steps=options["steps"])
+    launch_policy_engines(killed, ["dpg"], **options)
+    for rank in (0, 1):
+        after, uninterrupted = policy_run(killed, "dpg", rank), policy_run(whole, "dpg", rank)
+        assert logged(after["history"]) == logged(uninterrupted["history"])
+        assert max_weight_difference(after["weights"], uninterrupted["weights"]) == 0
+    assert logged(policy_run(whole, "dpg", 0)["history"]) == logged(
+        policy_run(whole, "dpg", 1)["history"])
+
+
 def test_cdpg_processes_train_on_the_same_contexts(two_processes):
     # Process 0 draws each step's context for all: the gathered weights are one context's.
     ranks = [policy_run(two_processes, "cdpg", rank) for rank in (0, 1)]
