@@ -35,7 +35,7 @@ import pyro
 import torch
 
 import bayesalign as ba
-from bayesalign.errors import EmptySupportError
+from bayesalign.errors import ConfigError, EmptySupportError
 from bayesalign.inference import SMC, Importance, Rejection, log_z_bounds
 from bayesalign.models import CausalLM
 from bayesalign.models.tiny import tiny_causal_lm
@@ -79,7 +79,14 @@ def banned_tokens(prior: CausalLM, sizes: Sizes) -> tuple[list[int], float]:
     holds[:, prior.eos_token_id] = False  # EOS stays allowed: a sample may always end
     banned, clean = [], torch.ones(len(pilot), dtype=torch.bool)
     while clean.float().mean() > sizes.acceptance:
-        token = int((holds & clean[:, None]).sum(0).argmax())
+        counts = (holds & clean[:, None]).sum(0)
+        if counts.max() == 0:  # the clean samples left hold no token but EOS: empty samples
+            raise ConfigError(
+                f"smc_code: no banned set takes the pilot's acceptance to {sizes.acceptance}: "
+                f"{float(clean.float().mean()):.3f} of its {len(pilot)} samples are empty (EOS "
+                "only) and meet any banned-token constraint; ask for a higher acceptance or "
+                "draw longer samples")
+        token = int(counts.argmax())
         banned.append(token)
         clean &= ~holds[:, token]
     return banned, float(clean.float().mean())

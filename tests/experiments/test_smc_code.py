@@ -1,7 +1,13 @@
 """experiments/smc_code (quick, tiny random GPT-2): every method runs end to end."""
 
 import math
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from bayesalign.errors import ConfigError
+from bayesalign.sequences import Sequences
 from experiments import smc_code
 from experiments.results import read_results
 
@@ -28,3 +34,14 @@ def test_quick_smc_code_runs_every_method(tmp_path):
     # keeps SMC's lower end finite where a prior replicate may have no allowed draw.
     assert math.isfinite(results["bounds_iwae"]["upper"])
     assert all(math.isfinite(results["bounds_smc"][end]) for end in ("lower", "upper"))
+
+
+def test_an_acceptance_below_the_empty_samples_is_refused_not_looped_on():
+    # Half the pilot is empty (no token before EOS): no banned set can exclude those samples.
+    tokens = torch.tensor([[3, 0], [4, 0], [5, 0], [3, 0], [0, 0], [0, 0], [0, 0], [0, 0]])
+    mask = torch.tensor([[True, False]] * 4 + [[False, False]] * 4)
+    pilot = Sequences(tokens=tokens, mask=mask)
+    prior = SimpleNamespace(sample_batch=lambda n: pilot, vocab_size=8, eos_token_id=0)
+    sizes = smc_code.Sizes.for_mode(quick=True)  # acceptance 0.1
+    with pytest.raises(ConfigError, match=r"0.500 of its 8 samples are empty \(EOS only\)"):
+        smc_code.banned_tokens(prior, sizes)
