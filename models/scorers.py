@@ -124,14 +124,18 @@ def pep8_in_document(y: Sequences) -> torch.Tensor:
 _PARSE_FAILURES = (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError)
 
 
-def _parses(text: str) -> bool:
+def parsed_module(text: str) -> ast.Module | None:
+    """``ast.parse``'s tree of ``text``, or None where the text does not parse."""
     try:
         with warnings.catch_warnings():  # invalid escapes warn on stderr for every sample
             warnings.simplefilter("ignore")
-            ast.parse(text)
+            return ast.parse(text)
     except _PARSE_FAILURES:  # ValueError: NUL bytes; the others: nesting too deep for the parser
-        return False
-    return True
+        return None
+
+
+def _parses(text: str) -> bool:
+    return parsed_module(text) is not None
 
 
 def _compiles(text: str) -> bool:

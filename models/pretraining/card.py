@@ -4,7 +4,6 @@ held-out loss curve, how many of its unconditional samples parse and read as Pyt
 
 from __future__ import annotations
 
-import ast
 import io
 import json
 import keyword
@@ -12,7 +11,6 @@ import math
 import shlex
 import sys
 import tokenize
-import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from bayesalign.sequences import Sequences
 from ..causal_lm import CausalLM
 from ..corpus_prior import Corpus
 from ..corpus_source import split_files
-from ..scorers import parses
+from ..scorers import parsed_module, parses
 
 SAMPLES_IN_CARD = 8  # samples kept in card.json; MODEL_CARD.md shows the first 3
 # The yardstick of a prior that writes Python: short samples read whole (as drawn, whether they
@@ -60,12 +58,8 @@ def reads_as_python(text: str) -> bool:
 def parses_to_code(text: str) -> bool:
     """Whether ``ast.parse`` accepts the text and finds a statement in it: a blank or
     comment-only sample parses but is not code."""
-    try:
-        with warnings.catch_warnings():  # invalid escapes warn for every sample
-            warnings.simplefilter("ignore")
-            return bool(ast.parse(text).body)
-    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
-        return False
+    module = parsed_module(text)
+    return module is not None and bool(module.body)
 
 
 def whole_sample_report(policy: CausalLM, seed: int) -> dict:
