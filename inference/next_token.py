@@ -10,6 +10,7 @@ fed pad, so the batch never changes shape).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -17,6 +18,8 @@ import torch
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError
 from bayesalign.sequences import Sequences
+
+from .lm_head import lm_head_input
 
 
 class NextToken(Protocol):
@@ -57,7 +60,12 @@ class TableSteps:
 
 class CausalSteps:
     """A `CausalLM`'s next-token law for N particles: one forward pass per token, KV cache on
-    (`CausalLM.start` / `step` / `reorder`); a token is fed lazily, on the next ``log_probs``."""
+    (`CausalLM.start` / `step` / `reorder`); a token is fed lazily, on the next ``log_probs`` or
+    ``hidden_states``, so a particle's last token costs no forward pass.
+
+    The forward pass also keeps the last hidden state of every row (the LM head's input), which
+    ``hidden_states`` hands to a twist that reads it (`HiddenStateTwist`): the twist then costs
+    no forward pass of its own."""
 
     def __init__(self, lm: SequenceDistribution, num: int) -> None:
         from bayesalign.models.decoding import tokenizer_decoder
@@ -65,13 +73,36 @@ class CausalSteps:
         self.lm, self.length = lm, lm.max_new_tokens
         self.state = lm.start(num)
         self.pending: torch.Tensor | None = None  # tokens fed on the next forward pass
+        self.hidden: torch.Tensor | None = None  # [N, H] after the last token fed
         self.decoder = tokenizer_decoder(lm.tokenizer, lm.eos_token_id, lm.hidden_tokens)
 
-    def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.pending is not None:
+    def _feed(self) -> None:
+        if self.pending is None:
+            return
+        with lm_head_input(self.lm.module.get_output_embeddings()) as captured:
             self.lm.step(self.state, self.pending)
-            self.pending = None
+        self.hidden = captured[-1][:, -1] if captured else None
+        self.pending = None
+
+    def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
+        self._feed()
         return self.lm.next_log_probs(self.state, rows).double().cpu()
+
+    def hidden_states_for(self, twist: object) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """`hidden_states` when ``twist`` reads this LM's hidden states (its ``prior_module``
+        is this model), else None: a twist built on another model is called on prefixes."""
+        return self.hidden_states if getattr(twist, "prior_module", None) is self.lm.module \
+            else None
+
+    def hidden_states(self, rows: torch.Tensor) -> torch.Tensor:
+        """The last hidden state ``[n, H]`` of ``rows`` after their latest token."""
+        self._feed()
+        if self.hidden is None:
+            raise ConfigError(
+                f"SMC: {type(self.lm.module).__name__} computes its logits without calling its "
+                "output embeddings, so its hidden states cannot be read; call the twist on "
+                "prefixes instead (wrap it in a plain function)")
+        return self.hidden[rows.to(self.hidden.device)]
 
     def advance(self, rows: torch.Tensor, token: torch.Tensor) -> None:
         self.pending = torch.full((len(self.state.contexts),), self.lm.pad_token_id,
@@ -82,6 +113,8 @@ class CausalSteps:
         self.lm.reorder(self.state, ancestors)
         if self.pending is not None:
             self.pending = self.pending[ancestors]
+        if self.hidden is not None:
+            self.hidden = self.hidden[ancestors.to(self.hidden.device)]
 
     def sequences(self, tokens: torch.Tensor, mask: torch.Tensor, owners: torch.Tensor) -> Sequences:
         contexts = None if self.lm.prompt is None \

@@ -48,7 +48,7 @@ from bayesalign.targets import NO_CONTEXT, Target
 from .base import one_context, require_same_vocabulary
 from .next_token import NextToken, next_token
 from .resampling import check_scheme, resample
-from .twists import Twist
+from .twists import Twist, log_prefix_factor, prefix_checks
 
 
 def _ess(log_w: torch.Tensor) -> float:
@@ -221,7 +221,7 @@ class SMC:
             complete = self._complete(token, t, particles.prior.length, prior)
             particles.append(rows, t, token)
             log_psi = self._log_psi(particles, particles.tokens[rows], particles.mask[rows], t,
-                                    complete, rows, target, context)
+                                    complete, rows, target, context, own_prefixes=True)
             increment = log_ratio + log_psi - previous
         # A prefix at ψ = 0 already carries weight zero: keep it at zero rather than 0/0.
         increment = torch.where(previous == -math.inf, -math.inf, increment)
@@ -281,9 +281,14 @@ class SMC:
     def _log_psi(
         self, particles: _Particles, tokens: torch.Tensor, mask: torch.Tensor, t: int,
         complete: torch.Tensor, owners: torch.Tensor, target: Target, context: Any,
+        own_prefixes: bool = False,
     ) -> torch.Tensor:
         """log L(s) for complete rows, log ψ_t(s_{1:t}) for the others: the twist's plus
-        log 1[prefix ok] of the target's prefix constraints (0 without either)."""
+        log 1[prefix ok] of the target's prefix constraints (0 without either).
+
+        ``own_prefixes``: the rows are the particles' current prefixes (not candidate
+        extensions), so a twist that reads the prior's hidden states gets those of the forward
+        pass the prior runs anyway."""
         log_psi = torch.zeros(len(tokens), dtype=torch.float64)
         if complete.any():
             done = particles.prior.sequences(tokens[complete], mask[complete], owners[complete])
@@ -296,7 +301,9 @@ class SMC:
             log_psi[rows] += self._prefix_log_psi(particles, prefixes, prefix_mask, prefix_owners,
                                                   t, target, context)
         if self.twist is not None:
-            log_psi[rows] += self._checked_twist(prefixes, t, prefix_owners)
+            reader = getattr(particles.prior, "hidden_states_for", None) if own_prefixes else None
+            hidden = reader(self.twist) if reader is not None else None
+            log_psi[rows] += self._checked_twist(prefixes, t, prefix_owners, hidden)
         return log_psi
 
     def _prefix_log_psi(
@@ -306,30 +313,26 @@ class SMC:
         """``Σ log 1[holds(prefix)]`` over the target's ``ba.prefix_constraint`` sites."""
         law = particles.prior
         if particles.prefix_checks is None:  # read the sites once, from one prefix's trace
-            sites = target.factors(law.sequences(prefixes[:1], mask[:1], owners[:1]), context)
-            particles.prefix_checks = {name: site.metadata["prefix_check"]
-                                       for name, site in sites.items()
-                                       if "prefix_check" in site.metadata}
-        log_psi = torch.zeros(len(prefixes), dtype=torch.float64)
+            particles.prefix_checks = prefix_checks(
+                target, law.sequences(prefixes[:1], mask[:1], owners[:1]), context)
         if not particles.prefix_checks:
-            return log_psi
-        sequences = law.sequences(prefixes, mask, owners)
-        for name, holds in particles.prefix_checks.items():
-            ok = torch.as_tensor(holds(sequences)).cpu()
-            if ok.shape != (len(prefixes),) or not (ok.dtype == torch.bool
-                                                    or ((ok == 0) | (ok == 1)).all()):
-                raise InvalidFactorError(
-                    f"SMC: prefix constraint '{name}' gave {tuple(ok.shape)} {ok.dtype} values at "
-                    f"step {t + 1} for {len(prefixes)} prefixes; it must give one bool (or 0/1) "
-                    "per prefix"
-                )
-            log_psi = log_psi.masked_fill(~ok.bool(), -math.inf)
-        return log_psi
+            return torch.zeros(len(prefixes), dtype=torch.float64)
+        return log_prefix_factor(particles.prefix_checks, law.sequences(prefixes, mask, owners),
+                                 f"at SMC step {t + 1}")
 
-    def _checked_twist(self, prefixes: torch.Tensor, t: int, owners: torch.Tensor) -> torch.Tensor:
-        """The twist's log ψ on ``prefixes``: one finite-or-−inf value per prefix."""
+    def _checked_twist(
+        self, prefixes: torch.Tensor, t: int, owners: torch.Tensor,
+        hidden_states: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The twist's log ψ on ``prefixes``: one finite-or-−inf value per prefix. A twist with
+        ``from_hidden_states`` reads the prior's hidden states of the particles ``owners`` when
+        ``hidden_states`` gives them, instead of running the prior over each prefix again."""
+        from_hidden = getattr(self.twist, "from_hidden_states", None)
         with torch.no_grad():
-            log_psi = torch.as_tensor(self.twist(prefixes))
+            if from_hidden is not None and hidden_states is not None:
+                log_psi = torch.as_tensor(from_hidden(hidden_states(owners)))
+            else:
+                log_psi = torch.as_tensor(self.twist(prefixes))
         if log_psi.shape != (len(prefixes),):
             raise InvalidFactorError(
                 f"SMC twist returned shape {tuple(log_psi.shape)} at step {t + 1} for "

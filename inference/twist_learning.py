@@ -12,6 +12,9 @@ weight L, see `ctl_loss`); the positive term weights the same draws by L (self-n
 importance sampling of σ), or takes ``exact_samples`` (exact target draws, e.g.
 ``Rejection(...).fit(target).samples``) with equal weights when they are given. A batch with no
 positive mass is a step without signal (the negative term alone would only lower ψ).
+With ``prefix_factors`` (the default, as `SMC`'s) the target's ``ba.prefix_constraint`` sites
+multiply ψ_t in π_t as SMC multiplies them in, so the module learns only what those factors do
+not say (the chance a clean prefix stays clean); train and run the twist with the same setting.
 The loop is the shared `Trainer`'s: checkpoints, exact resume, history.
 """
 
@@ -28,7 +31,7 @@ from bayesalign.targets import NO_CONTEXT, Target
 from bayesalign.training import Trainer, TrainingConfig
 
 from .base import one_context
-from .twists import PrefixTwist, TableTwist
+from .twists import PrefixTwist, TableTwist, log_prefix_factor, prefix_checks
 
 
 @dataclass
@@ -48,6 +51,7 @@ class TwistLearning(TrainingConfig):
     steps: int = 300  # optimizer steps
     twist: PrefixTwist | None = None  # the module to train (in place); None: a TableTwist
     exact_samples: Sequences | None = None  # exact target draws for the positive term
+    prefix_factors: bool = True  # π_t also holds the target's prefix constraints (as SMC's)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,8 +81,10 @@ class TwistLearning(TrainingConfig):
                 index = torch.randint(len(self.exact_samples), (self.batch_size,))
                 positives = self.exact_samples[index]
                 positive_log_w = torch.zeros(self.batch_size, dtype=torch.float64)
+            base = prefix_log_factors(target, draws, twist.max_prefix_length, context) \
+                if self.prefix_factors else None
             return ctl_loss(twist, positives, positive_log_w, draws, log_potential,
-                            trainer.device)
+                            trainer.device, negative_log_base=base)
 
         twist.history = trainer.run(step)
         return twist
@@ -88,12 +94,15 @@ def ctl_loss(
     twist: PrefixTwist, positives: Sequences, positive_log_w: torch.Tensor, negatives: Sequences,
     negative_log_potential: torch.Tensor, device: torch.device | str = "cpu",
     negative_log_ratio: torch.Tensor | None = None,
+    negative_log_base: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``Σ_t Σ_i w⁻_{t,i} log ψ_t(s⁻_i) − Σ_i w⁺_i log ψ_t(s⁺_i)`` over the draws still
     incomplete at t, with stopped weights: its gradient is minus CTL's, so minimising it ascends
     CTL. ``negatives`` are prior draws with their log L; draws from another q (or a whole
     enumerated support) need ``negative_log_ratio`` = log a(s)/q(s) of each draw, which weights
     its prefixes correctly too (the future's ratio averages to 1 under q).
+    ``negative_log_base`` ``[n, ≥ width]``: log of a fixed factor ψ_t is multiplied by in π_t
+    (`prefix_log_factors`: the target's prefix constraints, 0 or −inf per prefix).
 
     π_t covers every draw at step t: a complete one at its P = a·L (weight L under the prior),
     an incomplete one at a·ψ_t, so both terms normalise over all draws. That fixes ψ_t's scale
@@ -118,8 +127,13 @@ def ctl_loss(
             if not neg_rows.any():
                 continue
             log_gamma = negative_log_potential.clone().to(device)
-            log_gamma[neg_rows.to(device)] = (log_psi_neg[neg_rows.to(device), t - 1].detach()
-                                              .double() + log_ratio[neg_rows].to(device))
+            log_incomplete = log_psi_neg[neg_rows.to(device), t - 1].detach().double() \
+                + log_ratio[neg_rows].to(device)
+            if negative_log_base is not None:
+                log_incomplete = log_incomplete + negative_log_base[neg_rows, t - 1].to(device)
+            log_gamma[neg_rows.to(device)] = log_incomplete
+            if not torch.isfinite(log_gamma).any():  # π_t has no mass on these draws
+                continue
             negative = torch.softmax(log_gamma, 0)[neg_rows.to(device)]
             loss = (loss + (negative * log_psi_neg[neg_rows.to(device), t - 1]).sum()
                     - (positive[pos_rows.to(device)] * log_psi_pos[pos_rows.to(device), t - 1]).sum())
@@ -130,6 +144,22 @@ def ctl_loss(
     if not steps:  # no draw of positive target mass in this batch: a step without signal
         loss = loss + 0.0 * sum(p.sum() for p in twist.parameters())
     return loss, {"ctl_steps": float(steps), "positive_ess": ess}
+
+
+def prefix_log_factors(target: Target, draws: Sequences, width: int,
+                       context: Any = NO_CONTEXT) -> torch.Tensor | None:
+    """``log Π 1[holds(s_{1:t})]`` of the target's prefix constraints for t = 1..width, float64
+    ``[n, width]`` (0 or −inf; a row's entries past its end are meaningless and unused); None
+    when the target declares none."""
+    width = min(width, draws.tokens.shape[1])
+    checks = prefix_checks(target, draws[:1], context)
+    if not checks:
+        return None
+    return torch.stack([
+        log_prefix_factor(checks, Sequences(tokens=draws.tokens[:, :t], mask=draws.mask[:, :t],
+                                            context=draws.context, decoder=draws.decoder),
+                          f"on prefixes of length {t} (TwistLearning)")
+        for t in range(1, width + 1)], -1)
 
 
 def _incomplete(y: Sequences, t: int) -> torch.Tensor:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from bayesalign.distribution import SequenceDistribution
-from bayesalign.errors import ConfigError, VocabularyMismatchError
+from bayesalign.errors import ConfigError, InvalidFactorError, VocabularyMismatchError
+from bayesalign.sequences import Sequences
 from bayesalign.targets import NO_CONTEXT, Target
 
 Twist = Callable[[torch.Tensor], torch.Tensor]
@@ -113,9 +114,11 @@ class HiddenStateTwist(PrefixTwist):
     """log ψ_t = a small MLP on the frozen prior's last hidden state at s_t (a `CausalLM`).
 
     The prior is held outside the module's parameters, so training and checkpoints touch the
-    head only; its last layer starts at zero (ψ ≡ 1, SMC without a twist). One forward pass of
-    the prior per call (no KV cache): affordable for prefix twists under the prior's proposal,
-    not for ``proposal="twisted"``, which asks for every one-token extension.
+    head only; its last layer starts at zero (ψ ≡ 1, SMC without a twist). Under the prior's
+    proposal (or a given one) `SMC` hands it the hidden states of its own KV-cached forward pass
+    (``from_hidden_states``), so the twist costs no LM forward tokens; called on prefixes it runs
+    the prior once over them (no cache), which ``proposal="twisted"`` would do for every
+    one-token extension: too slow there.
     """
 
     recommended_optimizer = ("adam", 1e-3)
@@ -148,7 +151,41 @@ class HiddenStateTwist(PrefixTwist):
 
     def forward(self, prefixes: torch.Tensor) -> torch.Tensor:
         self.check_prefixes(prefixes)
-        return self.head(self._hidden(prefixes)[:, -1]).squeeze(-1)
+        return self.from_hidden_states(self._hidden(prefixes)[:, -1])
+
+    @property
+    def prior_module(self) -> torch.nn.Module:
+        """The transformers model whose hidden states the head reads."""
+        return self._prior[0].module
+
+    def from_hidden_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log ψ from the prior's last hidden state after each prefix, ``[n, H]`` → ``[n]``."""
+        return self.head(hidden.float().to(self.head[0].weight.device)).squeeze(-1)
+
+
+def prefix_checks(target: Target, sequences: Sequences, context: Any = NO_CONTEXT
+                  ) -> dict[str, Callable[[Sequences], torch.Tensor]]:
+    """The ``holds`` of each ``ba.prefix_constraint`` site of ``target``, read from one trace of
+    ``sequences`` (a row or more): the conditions a prefix can be pruned by."""
+    sites = target.factors(sequences, context)
+    return {name: site.metadata["prefix_check"] for name, site in sites.items()
+            if "prefix_check" in site.metadata}
+
+
+def log_prefix_factor(checks: dict[str, Callable[[Sequences], torch.Tensor]],
+                      prefixes: Sequences, where: str) -> torch.Tensor:
+    """``Σ log 1[holds(prefix)]`` over ``checks``, float64 ``[n]`` (0 or −inf); a check that does
+    not give one bool (or 0/1) per prefix is an `InvalidFactorError` naming it and ``where``."""
+    log_factor = torch.zeros(len(prefixes), dtype=torch.float64)
+    for name, holds in checks.items():
+        ok = torch.as_tensor(holds(prefixes)).cpu()
+        if ok.shape != (len(prefixes),) or not (ok.dtype == torch.bool
+                                                or ((ok == 0) | (ok == 1)).all()):
+            raise InvalidFactorError(
+                f"prefix constraint '{name}' gave {tuple(ok.shape)} {ok.dtype} values {where} "
+                f"for {len(prefixes)} prefixes; it must give one bool (or 0/1) per prefix")
+        log_factor = log_factor.masked_fill(~ok.bool(), -math.inf)
+    return log_factor
 
 
 def _log_add(a: float, b: float) -> float:

@@ -14,8 +14,6 @@ network would), so the policy's update is PPO's surrogate alone:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +21,8 @@ import torch
 from bayesalign.distribution import SequenceDistribution
 from bayesalign.errors import ConfigError
 from bayesalign.sequences import Sequences
+
+from .lm_head import lm_head_input
 
 MAX_TABLE_ENTRIES = 10_000_000  # a per-prefix table beyond this is not a tabular world
 
@@ -87,7 +87,7 @@ class HiddenStateValue(torch.nn.Module):
     def score(self, policy: SequenceDistribution, y: Sequences
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """π's per-token log-probs (with gradients) and V per token, from one forward."""
-        with _lm_head_input(policy.module.get_output_embeddings()) as captured:
+        with lm_head_input(policy.module.get_output_embeddings()) as captured:
             log_probs = policy.token_log_probs(y)
         if not captured:
             raise ConfigError(f"advantage='gae': {type(policy.module).__name__} computes its "
@@ -170,15 +170,4 @@ class Trainable:
 
     module: PolicyAndValue
     recommended_optimizer: tuple[str, float]
-
-
-@contextlib.contextmanager
-def _lm_head_input(lm_head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """The hidden states fed to ``lm_head`` during the block (a forward pre-hook)."""
-    captured: list[torch.Tensor] = []
-    handle = lm_head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()
 
