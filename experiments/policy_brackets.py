@@ -2,8 +2,9 @@
 KL(σ‖π) and KL(π‖σ) intervals that log Z's two-sided bounds give, next to the exact-sample
 yardstick's KL(σ‖π), for the prior and for a DPG and an RLOO policy (issue #12's last table).
 
-The target is `experiments.smc_code`'s (same pilot, seed and banned tokens): σ(y) ∝ a(y)·1[y
-holds no banned token], prior acceptance ≤ 2% in full mode. For each q (the prior, DPG's policy,
+The target is `experiments.smc_code`'s (`smc_code.rare_target`: same pilot, seed and banned
+tokens): σ(y) ∝ a(y)·1[y is not empty]·1[y holds no banned token], prior acceptance ≤ 2% in full
+mode. For each q (the prior, DPG's policy,
 RLOO's policy, trained on ``steps × batch_size`` draws with the engines' default options):
 
 - IWAE bounds on log Z with K = ``k`` draws of q (`log_z_bounds`: ``runs`` replicates below,
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bayesalign.evaluation import evaluate_policy
+from bayesalign.evaluation import evaluate
 from bayesalign.inference import DPG, KLRL, exact_reference, log_z_bounds
 
 from . import smc_code
@@ -65,10 +66,12 @@ def bracket_row(name: str, target: Any, q: Any, reference: Any, sizes: Sizes,
     bounds = log_z_bounds(target, q, num_samples=sizes.k, num_runs=sizes.runs,
                           exact_samples=reference, seed=30_000)
     law = target.prior() if q is None else q
-    yardstick = evaluate_policy(target, law, reference, eval_samples=sizes.eval_samples)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(40_000)
         draws = law.sample_batch(sizes.eval_samples)
+    # The yardstick's on-policy half and the constraint rate read the same draws.
+    yardstick = evaluate(target, draws, law=law.log_prob, policy=law,
+                         eval_samples=sizes.eval_samples, reference=reference)
     allowed = torch.isfinite(target.log_potential(draws)).double().mean()
     return {"policy": name, "samples_drawn": drawn,
             "log_z_lower": bounds.log_z_lower, "log_z_upper": bounds.log_z_upper,
@@ -85,10 +88,7 @@ def run(output: Path, quick: bool) -> str:
     output.mkdir(parents=True, exist_ok=True)
     target_sizes, sizes = smc_code.Sizes.for_mode(quick), Sizes.for_mode(quick)
     prior = smc_code.load_prior(quick, target_sizes.new_tokens)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # smc_code's pilot: the same banned tokens, the same target
-        banned, pilot_acceptance = smc_code.banned_tokens(prior, target_sizes)
-    target = smc_code.constrained_target(prior, banned)
+    target, banned, pilot_acceptance = smc_code.rare_target(prior, target_sizes)
     reference = exact_reference(target, bound=1.0, num_samples=sizes.exact,
                                 max_proposals=10_000 * sizes.exact, seed=20_000)
     results: dict[str, Any] = {"quick": quick, "sizes": asdict(sizes),

@@ -3,10 +3,8 @@
 import math
 from types import SimpleNamespace
 
-import pytest
 import torch
 
-from bayesalign.errors import ConfigError
 from bayesalign.sequences import Sequences
 from experiments import smc_code
 from experiments.results import read_results
@@ -20,7 +18,8 @@ def test_quick_smc_code_runs_every_method(tmp_path):
     assert results["experiment"] == "smc_code" and results["finished"]
     assert report == smc_code.render(results)  # the table is the JSON's rendering
     rows = {r["method"]: r for r in results["rows"]}
-    assert list(rows) == ["Importance (prior)", "Rejection", "SMC, no twist", "SMC, prefix twist",
+    assert list(rows) == ["Importance (prior)", "Rejection", "SMC, no twist", "SMC, learned twist",
+                          "SMC, prefix twist", "SMC, prefix + learned twist",
                           "SMC, prefix twist, twisted proposal"]
     # The banned set leaves at most the asked fraction of the pilot, so the target is rare.
     assert results["banned"] and results["pilot_acceptance"] <= 0.1
@@ -33,15 +32,21 @@ def test_quick_smc_code_runs_every_method(tmp_path):
     # Quick mode's few replicates give noisy ends (their order is not asserted); the prefix twist
     # keeps SMC's lower end finite where a prior replicate may have no allowed draw.
     assert math.isfinite(results["bounds_iwae"]["upper"])
-    assert all(math.isfinite(results["bounds_smc"][end]) for end in ("lower", "upper"))
+    for key in ("bounds_smc", "bounds_learned"):
+        assert all(math.isfinite(results[key][end]) for end in ("lower", "upper")), key
+    assert results["twist_training_tokens"] > 0
 
 
-def test_an_acceptance_below_the_empty_samples_is_refused_not_looped_on():
-    # Half the pilot is empty (no token before EOS): no banned set can exclude those samples.
+def test_empty_samples_are_not_clean_so_any_acceptance_is_reached():
+    # Half the pilot is empty (EOS first): they meet any banned-token constraint, so the target
+    # leaves them out and the banned set only has to exclude the others.
     tokens = torch.tensor([[3, 0], [4, 0], [5, 0], [3, 0], [0, 0], [0, 0], [0, 0], [0, 0]])
-    mask = torch.tensor([[True, False]] * 4 + [[False, False]] * 4)
+    mask = torch.tensor([[True, True]] * 4 + [[True, False]] * 4)
     pilot = Sequences(tokens=tokens, mask=mask)
     prior = SimpleNamespace(sample_batch=lambda n: pilot, vocab_size=8, eos_token_id=0)
     sizes = smc_code.Sizes.for_mode(quick=True)  # acceptance 0.1
-    with pytest.raises(ConfigError, match=r"0.500 of its 8 samples are empty \(EOS only\)"):
-        smc_code.banned_tokens(prior, sizes)
+    banned, acceptance = smc_code.banned_tokens(prior, sizes)
+    assert banned == [3, 4, 5] and acceptance == 0.0
+    assert smc_code.non_empty(pilot, 0).tolist() == [True] * 4 + [False] * 4
+
+
