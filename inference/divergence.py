@@ -175,7 +175,8 @@ class DivergenceMonitor:
         finite = torch.isfinite(log_w)
         n = log_w.numel()
         if not finite.any():
-            return {"ess_fraction": 0.0}
+            # Before any draw with P > 0 there is no posterior to collapse onto: no signal.
+            return {"ess_fraction": 0.0} if math.isfinite(before_log_z) else {}
         log_sum = float(torch.logsumexp(log_w[finite], 0))
         log_sum_sq = float(torch.logsumexp(2 * log_w[finite], 0))
         pooled.kl_policy_prior = kl_policy_prior
@@ -194,7 +195,10 @@ class DivergenceMonitor:
         options = self.options
         if options.divergence_action == "off" or not rows:
             return {}
-        worst = {"ess_fraction": min(r["ess_fraction"] for r in rows)}
+        measured = [r["ess_fraction"] for r in rows if "ess_fraction" in r]
+        if not measured:  # no context has drawn P > 0 yet
+            return {}
+        worst = {"ess_fraction": min(measured)}
         rated = [p for p in self.state.pooled.values() if math.isfinite(p.log_z())]
         if rated:
             worst["kl_policy_prior_multiple"] = (sum(p.kl_policy_prior for p in rated)

@@ -60,6 +60,11 @@ from .replay import HeldBatch, ReplayPool, StoredDraws, available_memory, max_le
 
 DIVERGENCES = ("kl", "reverse_kl", "tv", "js")
 MAX_LOG_RATIO = 50.0
+# Steps a DPG may draw before its first draw with P > 0: each such step has a zero gradient
+# (every weight P/(Ẑ q) is 0 whatever Ẑ is), routine on a rare constraint (at a 1.5% acceptance
+# 62% of 32-draw batches hold none), but twenty in a row leave (1 − ρ)^(20·B) to chance — below
+# 0.2% at ρ = 1%, B = 32 — so the proposal most likely misses the target's support.
+STEPS_WITHOUT_SUPPORT = 20
 
 
 def f_prime(divergence: str, log_t: torch.Tensor) -> torch.Tensor:
@@ -174,6 +179,8 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
                                                                       trainer.device)
                 loss, info, log_pi = self._loss(conditional, batch, log_z, state,
                                                 measured=len(fresh.y))
+                if len(contexts) == 1 and not math.isfinite(state.log_z(self._z_key(c))):
+                    info["log_z"] = -math.inf  # no draw with P > 0 yet: no estimate of Z
                 if self.updates_per_batch > 1:
                     held.append(HeldBatch(c, StoredDraws.of(batch), log_pi.cpu(), len(fresh.y)))
                 losses.append(loss)
@@ -204,8 +211,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
         losses, metrics = [], []
         for batch_held in held:
             batch = batch_held.draws.batch(batch_held.context, device)
-            key = str(batch.context) if self.per_context_z else "global"
-            log_z = state.log_z(key)
+            log_z = state.log_z(self._z_key(batch.context))
             loss, info, _ = self._loss(policy.given(batch_held.context), batch,
                                        log_z if math.isfinite(log_z) else 0.0, state,
                                        log_old=batch_held.log_old.to(device),
@@ -216,20 +222,26 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
             batch_held.updates += 1
         return torch.stack(losses).mean(), mean_metrics(metrics)
 
+    def _z_key(self, context: Any) -> str:
+        """The running Ẑ a context's draws pool into: its own (CDPG's per-context Ẑ) or one."""
+        return str(context) if self.per_context_z else "global"
+
     def _update_log_z(self, state: DPGState, log_w: torch.Tensor, batch: ScoredBatch,
                       step_index: int, several: bool) -> float:
-        """Pool this batch's weights into log Ẑ_c (§2.2, §2.5); 0 for a CDPG context with no P > 0 yet."""
-        log_z = state.update_log_z(str(batch.context) if self.per_context_z else "global", log_w)
+        """Pool this batch's weights into log Ẑ_c (§2.2, §2.5); 0 while no draw (for c) has had
+        P > 0, for at most STEPS_WITHOUT_SUPPORT steps of one context."""
+        log_z = state.update_log_z(self._z_key(batch.context), log_w)
         if math.isfinite(log_z):
             return log_z
-        if not several:
+        if not several and step_index + 1 >= STEPS_WITHOUT_SUPPORT:
             raise EmptySupportError(
                 f"{self.name} step {step_index}: all {len(batch.y)} importance weights are zero "
-                f"for context {batch.context!r} and no earlier step had a positive one; every "
-                "sample violates a constraint — use a proposal that reaches the target's support"
+                f"for context {batch.context!r}, as at every one of the {step_index + 1} steps so "
+                "far; every sample violates a constraint — use a proposal that reaches the "
+                "target's support"
             )
-        # CDPG: no draw for c has had P > 0 yet, so every P/(Ẑ_c q) is 0 whatever Ẑ_c is; one
-        # empty context among many is routine under a hard constraint.
+        # No draw (for c) has had P > 0 yet, so every P/(Ẑ_c q) is 0 whatever Ẑ_c is: a step
+        # without signal, routine on a rare constraint and for one empty context among many.
         return 0.0
 
     def _loss(

@@ -3,6 +3,7 @@ code tasks (a prompt the prior never answers with parseable code); training and 
 per-context evaluation go on, and the empty context is reported, not fatal."""
 
 import math
+import warnings
 
 import pyro
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import P1, T, brute_force_toy_a
 
 import bayesalign as ba
+from bayesalign.errors import DivergenceWarning, EmptySupportError
 from bayesalign.inference import DPG, KLRL
 from bayesalign.models import TabularLM
 
@@ -41,3 +43,44 @@ def test_an_empty_context_does_not_stop_a_conditional_fit(engine):
     if isinstance(engine, DPG):
         assert post.extras["running_log_z[never]"] == -math.inf
         assert math.exp(post.extras["running_log_z[a]"]) == pytest.approx(z_a, rel=0.1)
+
+
+def rare_world() -> ba.Target:
+    """Toy A constrained to 2, 2, 2: a(y) = 0.021 (SPEC §10), so most small batches miss it."""
+    prior = TabularLM(torch.tensor(P1, dtype=torch.float64), torch.tensor(T, dtype=torch.float64), 3)
+
+    @ba.target
+    def all_twos():
+        y = pyro.sample("y", prior)
+        ba.constraint("all_twos", (y.tokens == 2).all(-1))
+
+    return all_twos
+
+
+def test_dpg_steps_before_the_first_draw_in_the_support_are_steps_without_signal():
+    z = brute_force_toy_a(1.0)["a"][(2, 2, 2)]
+    engine = DPG(steps=40, batch_size=4, eval_samples=256, progress=False, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        posterior = engine.fit(rare_world())
+    first = next(i for i, row in enumerate(posterior.history) if math.isfinite(row["log_z"]))
+    assert 5 < first < 20  # it trained on through the first, empty batches (8 with this seed)
+    assert all(row["loss"] == 0.0 for row in posterior.history[:first])
+    # No posterior to collapse onto yet, so the divergence monitor has nothing to say then.
+    assert not [w for w in caught if issubclass(w.category, DivergenceWarning)
+                and int(str(w.message).split("step ")[1].split(":")[0]) < first]
+    assert posterior.history[-1]["log_z"] > math.log(z) - 3
+
+
+def test_dpg_that_never_reaches_the_support_says_so_after_twenty_steps():
+    prior = TabularLM(torch.tensor(P1, dtype=torch.float64), torch.tensor(T, dtype=torch.float64), 3)
+
+    @ba.target
+    def impossible():
+        y = pyro.sample("y", prior)
+        ba.constraint("length_four", y.lengths == 4)
+
+    with pytest.raises(EmptySupportError,
+                       match=r"DPG step 19: all 4 importance weights are zero for context None, "
+                             r"as at every one of the 20 steps so far"):
+        DPG(steps=40, batch_size=4, progress=False).fit(impossible)
