@@ -21,12 +21,13 @@ finished particles included; Importance and Rejection: ``particles`` prior draws
 SMC's ESS is that of its final weights; after a resampling event equal weights hide how few
 distinct ancestors remain, so it is an optimistic count.
 
-The learned twists are `HiddenStateTwist` heads trained by CTL (`TwistLearning`, positives from
-``twist_exact`` Rejection draws): one alone (trained and run without the prefix factor), one on
-top of the prefix twist (trained and run with it: it learns the chance a clean prefix stays
-clean). SMC hands them the hidden states of its own forward passes, so their runs cost the same
-forward tokens as SMC without a twist; their training's forward tokens (and the exact draws')
-are reported beside the table, paid once for every run.
+The learned twists are `NextTokenTwist` heads (one log ψ per next token, from the prior's hidden
+state before it) trained by CTL (`TwistLearning`, positives from ``twist_exact`` Rejection
+draws): one alone (trained and run without the prefix factor), one on top of the prefix twist
+(trained and run with it: it learns the chance a clean prefix stays clean). SMC hands them the
+hidden states of its own forward passes, so their runs — the twisted proposal's included — cost
+the same forward tokens as SMC without a twist; their training's forward tokens (and the exact
+draws') are reported beside the table, paid once for every run.
 
 ``python -m experiments.smc_code [--quick] [--output DIR]``; full mode uses
 ``bundled:code-small``, quick mode a tiny random GPT-2 so the tests exercise every path in seconds.
@@ -44,7 +45,7 @@ import torch
 import bayesalign as ba
 from bayesalign.errors import EmptySupportError
 from bayesalign.inference import SMC, Importance, Rejection, TwistLearning, log_z_bounds
-from bayesalign.inference.twists import HiddenStateTwist
+from bayesalign.inference.twists import NextTokenTwist
 from bayesalign.models import CausalLM
 from bayesalign.models.tiny import tiny_causal_lm
 
@@ -149,7 +150,7 @@ def _summary(name: str, log_z: list[float], ess: list[float], tokens: int) -> di
 
 
 def learned_twists(target: ba.Target, prior: CausalLM, sizes: Sizes) -> tuple[dict, int]:
-    """The two CTL-trained hidden-state heads (alone; on top of the prefix twist) and the LM
+    """The two CTL-trained next-token twists (alone; on top of the prefix twist) and the LM
     forward tokens their training cost: the exact draws' proposals, and per step the negatives'
     draw plus one pass over negatives and positives."""
     exact = Rejection(num_samples=sizes.twist_exact, max_proposals=10_000 * sizes.twist_exact,
@@ -158,7 +159,7 @@ def learned_twists(target: ba.Target, prior: CausalLM, sizes: Sizes) -> tuple[di
     for name, prefix_factors in (("alone", False), ("with prefix twist", True)):
         twists[name] = TwistLearning(
             steps=sizes.twist_steps, batch_size=sizes.twist_batch, exact_samples=exact.samples,
-            prefix_factors=prefix_factors, twist=HiddenStateTwist(prior), seed=1, progress=False,
+            prefix_factors=prefix_factors, twist=NextTokenTwist(prior), seed=1, progress=False,
         ).fit(target)
     proposals = exact.diagnostics.num_proposed
     tokens = sizes.new_tokens * (proposals + 2 * 3 * sizes.twist_steps * sizes.twist_batch)
@@ -195,12 +196,17 @@ def run(output: Path, quick: bool) -> str:
             post = Rejection(num_samples=n, max_proposals=n, chunk_size=n, seed=seed).fit(target)
             return math.log(post.diagnostics.acceptance_rate), float(len(post.samples))
 
+        alone, on_prefix = twists["alone"], twists["with prefix twist"]
         methods = {"Importance (prior)": importance, "Rejection": rejection,
                    "SMC, no twist": smc(prefix_factors=False),
-                   "SMC, learned twist": smc(twist=twists["alone"], prefix_factors=False),
+                   "SMC, learned twist": smc(twist=alone, prefix_factors=False),
+                   "SMC, learned twist, twisted proposal": smc(twist=alone, prefix_factors=False,
+                                                               proposal="twisted"),
                    "SMC, prefix twist": smc(),
-                   "SMC, prefix + learned twist": smc(twist=twists["with prefix twist"]),
-                   "SMC, prefix twist, twisted proposal": smc(proposal="twisted")}
+                   "SMC, prefix twist, twisted proposal": smc(proposal="twisted"),
+                   "SMC, prefix + learned twist": smc(twist=on_prefix),
+                   "SMC, prefix + learned twist, twisted proposal": smc(twist=on_prefix,
+                                                                        proposal="twisted")}
         for name, method in methods.items():
             results["rows"].append(_summary(name, *_runs(method, sizes.runs), tokens))
             write_results(output, "smc_code", False, results)  # a stopped run keeps its rows

@@ -10,7 +10,6 @@ fed pad, so the batch never changes shape).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -63,17 +62,19 @@ class CausalSteps:
     (`CausalLM.start` / `step` / `reorder`); a token is fed lazily, on the next ``log_probs`` or
     ``hidden_states``, so a particle's last token costs no forward pass.
 
-    The forward pass also keeps the last hidden state of every row (the LM head's input), which
-    ``hidden_states`` hands to a twist that reads it (`HiddenStateTwist`): the twist then costs
-    no forward pass of its own."""
+    Each forward pass also keeps the last hidden state of every row (the LM head's input), which
+    a twist reading this model gets (``twist_reader``): ``hidden_states`` after the latest token
+    (`HiddenStateTwist`; it feeds that token now) or ``context_hidden``, the state whose logits
+    give the next token's law (`NextTokenTwist`). The twist then costs no forward pass."""
 
     def __init__(self, lm: SequenceDistribution, num: int) -> None:
         from bayesalign.models.decoding import tokenizer_decoder
 
         self.lm, self.length = lm, lm.max_new_tokens
-        self.state = lm.start(num)
+        with lm_head_input(lm.module.get_output_embeddings()) as captured:
+            self.state = lm.start(num)
         self.pending: torch.Tensor | None = None  # tokens fed on the next forward pass
-        self.hidden: torch.Tensor | None = None  # [N, H] after the last token fed
+        self.hidden = captured[-1][:, -1] if captured else None  # [N, H] after the last token fed
         self.decoder = tokenizer_decoder(lm.tokenizer, lm.eos_token_id, lm.hidden_tokens)
 
     def _feed(self) -> None:
@@ -88,15 +89,19 @@ class CausalSteps:
         self._feed()
         return self.lm.next_log_probs(self.state, rows).double().cpu()
 
-    def hidden_states_for(self, twist: object) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """`hidden_states` when ``twist`` reads this LM's hidden states (its ``prior_module``
-        is this model), else None: a twist built on another model is called on prefixes."""
-        return self.hidden_states if getattr(twist, "prior_module", None) is self.lm.module \
-            else None
+    def twist_reader(self, twist: object) -> CausalSteps | None:
+        """This law, when ``twist`` reads this LM's hidden states (its ``prior_module`` is this
+        model); None for any other twist, which is called on prefixes."""
+        return self if getattr(twist, "prior_module", None) is self.lm.module else None
 
     def hidden_states(self, rows: torch.Tensor) -> torch.Tensor:
         """The last hidden state ``[n, H]`` of ``rows`` after their latest token."""
         self._feed()
+        return self.context_hidden(rows)
+
+    def context_hidden(self, rows: torch.Tensor) -> torch.Tensor:
+        """The hidden state ``[n, H]`` of ``rows`` whose logits gave their latest law: before a
+        token drawn but not yet fed."""
         if self.hidden is None:
             raise ConfigError(
                 f"SMC: {type(self.lm.module).__name__} computes its logits without calling its "

@@ -221,7 +221,7 @@ class SMC:
             complete = self._complete(token, t, particles.prior.length, prior)
             particles.append(rows, t, token)
             log_psi = self._log_psi(particles, particles.tokens[rows], particles.mask[rows], t,
-                                    complete, rows, target, context, own_prefixes=True)
+                                    complete, rows, target, context, reader=self._reader(particles))
             increment = log_ratio + log_psi - previous
         # A prefix at ψ = 0 already carries weight zero: keep it at zero rather than 0/0.
         increment = torch.where(previous == -math.inf, -math.inf, increment)
@@ -275,20 +275,32 @@ class SMC:
         tokens[:, t], mask[:, t] = token, True
         complete = self._complete(token, t, tokens.shape[1], prior)
         owners = rows.repeat_interleave(vocab)
-        log_psi = self._log_psi(particles, tokens, mask, t, complete, owners, target, context)
+        reader, twist_values = self._reader(particles), None
+        if reader is not None and hasattr(self.twist, "next_token_log_psi"):
+            # One head call per particle for all V extensions (a NextTokenTwist).
+            with torch.no_grad():
+                twist_values = self.twist.next_token_log_psi(reader.context_hidden(rows))
+            twist_values = torch.as_tensor(twist_values).detach().double().cpu().reshape(-1)
+        log_psi = self._log_psi(particles, tokens, mask, t, complete, owners, target, context,
+                                twist_values=twist_values)
         return log_psi.reshape(-1, vocab)
+
+    def _reader(self, particles: _Particles) -> Any:
+        """The prior's step-by-step law when the twist reads its hidden states, else None."""
+        reader = getattr(particles.prior, "twist_reader", None)
+        return None if self.twist is None or reader is None else reader(self.twist)
 
     def _log_psi(
         self, particles: _Particles, tokens: torch.Tensor, mask: torch.Tensor, t: int,
         complete: torch.Tensor, owners: torch.Tensor, target: Target, context: Any,
-        own_prefixes: bool = False,
+        reader: Any = None, twist_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log L(s) for complete rows, log ψ_t(s_{1:t}) for the others: the twist's plus
         log 1[prefix ok] of the target's prefix constraints (0 without either).
 
-        ``own_prefixes``: the rows are the particles' current prefixes (not candidate
-        extensions), so a twist that reads the prior's hidden states gets those of the forward
-        pass the prior runs anyway."""
+        ``reader`` (the rows are the particles' own prefixes) gives a twist that reads the
+        prior's hidden states those of the forward passes the prior runs anyway;
+        ``twist_values`` are the twist's log ψ of every row, computed already."""
         log_psi = torch.zeros(len(tokens), dtype=torch.float64)
         if complete.any():
             done = particles.prior.sequences(tokens[complete], mask[complete], owners[complete])
@@ -301,9 +313,9 @@ class SMC:
             log_psi[rows] += self._prefix_log_psi(particles, prefixes, prefix_mask, prefix_owners,
                                                   t, target, context)
         if self.twist is not None:
-            reader = getattr(particles.prior, "hidden_states_for", None) if own_prefixes else None
-            hidden = reader(self.twist) if reader is not None else None
-            log_psi[rows] += self._checked_twist(prefixes, t, prefix_owners, hidden)
+            values = twist_values[rows] if twist_values is not None \
+                else self._twist_values(prefixes, t, prefix_owners, reader)
+            log_psi[rows] += self._checked_twist(values, prefixes, t, prefix_owners)
         return log_psi
 
     def _prefix_log_psi(
@@ -320,19 +332,23 @@ class SMC:
         return log_prefix_factor(particles.prefix_checks, law.sequences(prefixes, mask, owners),
                                  f"at SMC step {t + 1}")
 
-    def _checked_twist(
-        self, prefixes: torch.Tensor, t: int, owners: torch.Tensor,
-        hidden_states: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The twist's log ψ on ``prefixes``: one finite-or-−inf value per prefix. A twist with
-        ``from_hidden_states`` reads the prior's hidden states of the particles ``owners`` when
-        ``hidden_states`` gives them, instead of running the prior over each prefix again."""
-        from_hidden = getattr(self.twist, "from_hidden_states", None)
+    def _twist_values(self, prefixes: torch.Tensor, t: int, owners: torch.Tensor,
+                      reader: Any) -> torch.Tensor:
+        """The twist's log ψ of the particles ``owners``' prefixes: from the prior's hidden
+        states when ``reader`` gives them (a `NextTokenTwist` reads the state before token t,
+        a `HiddenStateTwist` the one after it), else by calling the twist on the prefixes."""
         with torch.no_grad():
-            if from_hidden is not None and hidden_states is not None:
-                log_psi = torch.as_tensor(from_hidden(hidden_states(owners)))
-            else:
-                log_psi = torch.as_tensor(self.twist(prefixes))
+            if reader is not None and hasattr(self.twist, "next_token_log_psi"):
+                table = self.twist.next_token_log_psi(reader.context_hidden(owners))
+                return table.gather(-1, prefixes[:, t:t + 1].to(table.device)).squeeze(-1)
+            if reader is not None and hasattr(self.twist, "from_hidden_states"):
+                return self.twist.from_hidden_states(reader.hidden_states(owners))
+            return self.twist(prefixes)
+
+    def _checked_twist(self, values: Any, prefixes: torch.Tensor, t: int,
+                       owners: torch.Tensor) -> torch.Tensor:
+        """The twist's ``values`` on ``prefixes`` as float64: one finite-or-−inf log ψ each."""
+        log_psi = torch.as_tensor(values)
         if log_psi.shape != (len(prefixes),):
             raise InvalidFactorError(
                 f"SMC twist returned shape {tuple(log_psi.shape)} at step {t + 1} for "

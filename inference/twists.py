@@ -5,9 +5,10 @@ A twist is any callable ``twist(prefixes) -> log_psi`` taking the prefix tokens 
 shape ``[n]``, finite or ``-inf`` (ψ = 0: a prefix with no future mass). `optimal_twist`
 computes the exact twist ψ*_t(s_{1:t}) = Σ_c a(c | s_{1:t}) L(s_{1:t} c) by enumeration, the
 reference under which twisted SMC returns log Ẑ = log Z exactly for any number of particles.
-A learned twist is a `PrefixTwist` module (`TableTwist` for table priors, `HiddenStateTwist`, a
-head on a `CausalLM`'s hidden states), trained by `twist_learning.TwistLearning`; it declares the
-vocabulary and prefix length it was built for, which `SMC` checks against the prior.
+A learned twist is a `PrefixTwist` module (`TableTwist` for table priors; on a `CausalLM`'s
+hidden states `HiddenStateTwist`, one value per prefix, and `NextTokenTwist`, one per next
+token), trained by `twist_learning.TwistLearning`; it declares the vocabulary and prefix length
+it was built for, which `SMC` checks against the prior.
 """
 
 from __future__ import annotations
@@ -110,57 +111,97 @@ class TableTwist(PrefixTwist):
         return self.tables[prefixes.shape[-1] - 1][index]
 
 
-class HiddenStateTwist(PrefixTwist):
-    """log ψ_t = a small MLP on the frozen prior's last hidden state at s_t (a `CausalLM`).
+class _PriorHeadTwist(PrefixTwist):
+    """A head on an unconditional `CausalLM`'s frozen last hidden states (the LM head's input).
 
     The prior is held outside the module's parameters, so training and checkpoints touch the
-    head only; its last layer starts at zero (ψ ≡ 1, SMC without a twist). Under the prior's
-    proposal (or a given one) `SMC` hands it the hidden states of its own KV-cached forward pass
-    (``from_hidden_states``), so the twist costs no LM forward tokens; called on prefixes it runs
-    the prior once over them (no cache), which ``proposal="twisted"`` would do for every
-    one-token extension: too slow there.
+    head only; its last layer starts at zero (ψ ≡ 1, SMC without a twist). `SMC` hands the head
+    the hidden states of its own KV-cached forward passes when the twist reads its prior's model
+    (``prior_module``), so a run costs no LM forward tokens beyond SMC's own; called on
+    prefixes the head runs the prior over them once (no cache).
     """
 
     recommended_optimizer = ("adam", 1e-3)
 
-    def __init__(self, prior: SequenceDistribution, width: int = 64) -> None:
+    def __init__(self, prior: SequenceDistribution, outputs: int, width: int) -> None:
         if getattr(prior, "prompt", None) is not None or not hasattr(prior, "start_token_id"):
-            raise ConfigError("HiddenStateTwist: the prior must be an unconditional CausalLM "
-                              f"(no prompt), got {type(prior).__name__}")
+            raise ConfigError(f"{type(self).__name__}: the prior must be an unconditional "
+                              f"CausalLM (no prompt), got {type(prior).__name__}")
         super().__init__(prior, prior.max_new_tokens - 1)
         self._prior = [prior]  # a list: not a submodule, so not trained nor checkpointed
         hidden = prior.module.config.hidden_size
         self.head = torch.nn.Sequential(torch.nn.Linear(hidden, width), torch.nn.Tanh(),
-                                        torch.nn.Linear(width, 1))
+                                        torch.nn.Linear(width, outputs))
         torch.nn.init.zeros_(self.head[-1].weight)
         torch.nn.init.zeros_(self.head[-1].bias)
-
-    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The prior's last-layer hidden states after each token, ``[n, t, hidden]``."""
-        prior = self._prior[0]
-        start = torch.full((len(tokens), 1), prior.start_token_id, dtype=torch.long)
-        ids = torch.cat([start, tokens.cpu()], 1).to(prior.device)
-        with torch.no_grad():
-            out = prior.module(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               output_hidden_states=True)
-        return out.hidden_states[-1][:, 1:].float().to(self.head[0].weight.device)
-
-    def all_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.check_prefixes(tokens[:, : self.max_prefix_length])
-        return self.head(self._hidden(tokens)).squeeze(-1)
-
-    def forward(self, prefixes: torch.Tensor) -> torch.Tensor:
-        self.check_prefixes(prefixes)
-        return self.from_hidden_states(self._hidden(prefixes)[:, -1])
 
     @property
     def prior_module(self) -> torch.nn.Module:
         """The transformers model whose hidden states the head reads."""
         return self._prior[0].module
 
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The prior's last-layer hidden states after the start token and after each token,
+        ``[n, t + 1, hidden]``."""
+        prior = self._prior[0]
+        start = torch.full((len(tokens), 1), prior.start_token_id, dtype=torch.long)
+        ids = torch.cat([start, tokens.cpu()], 1).to(prior.device)
+        with torch.no_grad():
+            out = prior.module(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               output_hidden_states=True)
+        return out.hidden_states[-1].float().to(self.head[0].weight.device)
+
+
+class HiddenStateTwist(_PriorHeadTwist):
+    """log ψ_t = a small MLP on the prior's last hidden state after s_t.
+
+    SMC feeds s_t at once to read that state (``from_hidden_states``); under
+    ``proposal="twisted"`` every one-token extension would need its own forward pass, so there
+    it is called on N·V prefixes: too slow on a real vocabulary (use `NextTokenTwist`).
+    """
+
+    def __init__(self, prior: SequenceDistribution, width: int = 64) -> None:
+        super().__init__(prior, 1, width)
+
+    def all_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(tokens[:, : self.max_prefix_length])
+        return self.head(self._hidden(tokens)[:, 1:]).squeeze(-1)
+
+    def forward(self, prefixes: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(prefixes)
+        return self.from_hidden_states(self._hidden(prefixes)[:, -1])
+
     def from_hidden_states(self, hidden: torch.Tensor) -> torch.Tensor:
         """log ψ from the prior's last hidden state after each prefix, ``[n, H]`` → ``[n]``."""
         return self.head(hidden.float().to(self.head[0].weight.device)).squeeze(-1)
+
+
+class NextTokenTwist(_PriorHeadTwist):
+    """log ψ_t(s_{<t} v) = head(h_{t−1})[v]: one value per next token v, from the prior's hidden
+    state before it (the state whose logits give a(v | s_{<t})), as Zhao et al. (2024)
+    parametrise twists on LMs.
+
+    So the twisted proposal q ∝ a(v | s_{<t}) ψ_t(s_{<t} v) over the whole vocabulary costs one
+    head call per particle and step (``next_token_log_psi``), no forward pass of its own.
+    """
+
+    def __init__(self, prior: SequenceDistribution, width: int = 64) -> None:
+        super().__init__(prior, prior.vocab_size, width)
+
+    def all_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(tokens[:, : self.max_prefix_length])
+        table = self.head(self._hidden(tokens[:, :-1]))  # [n, T, V]: before each token
+        return table.gather(-1, tokens.to(table.device)[..., None]).squeeze(-1)
+
+    def forward(self, prefixes: torch.Tensor) -> torch.Tensor:
+        self.check_prefixes(prefixes)
+        table = self.next_token_log_psi(self._hidden(prefixes[:, :-1])[:, -1])
+        return table.gather(-1, prefixes[:, -1:].to(table.device)).squeeze(-1)
+
+    def next_token_log_psi(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log ψ of every one-token extension, ``[n, V]``, from the hidden state ``[n, H]``
+        before the next token."""
+        return self.head(hidden.float().to(self.head[0].weight.device))
 
 
 def prefix_checks(target: Target, sequences: Sequences, context: Any = NO_CONTEXT

@@ -19,8 +19,9 @@ def test_quick_smc_code_runs_every_method(tmp_path):
     assert report == smc_code.render(results)  # the table is the JSON's rendering
     rows = {r["method"]: r for r in results["rows"]}
     assert list(rows) == ["Importance (prior)", "Rejection", "SMC, no twist", "SMC, learned twist",
-                          "SMC, prefix twist", "SMC, prefix + learned twist",
-                          "SMC, prefix twist, twisted proposal"]
+                          "SMC, learned twist, twisted proposal", "SMC, prefix twist",
+                          "SMC, prefix twist, twisted proposal", "SMC, prefix + learned twist",
+                          "SMC, prefix + learned twist, twisted proposal"]
     # The banned set leaves at most the asked fraction of the pilot, so the target is rare.
     assert results["banned"] and results["pilot_acceptance"] <= 0.1
     # q ∝ a·1[ok] never draws a banned token: no run loses every particle.

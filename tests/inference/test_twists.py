@@ -12,7 +12,7 @@ import bayesalign as ba
 from bayesalign.errors import ConfigError, EmptySupportError, InvalidFactorError, VocabularyMismatchError
 from bayesalign.inference import SMC, Exact, Rejection, TableTwist, TwistLearning
 from bayesalign.inference.twist_learning import ctl_loss
-from bayesalign.inference.twists import HiddenStateTwist, optimal_twist
+from bayesalign.inference.twists import HiddenStateTwist, NextTokenTwist, optimal_twist
 from bayesalign.models import TabularLM
 
 EOS = 3
@@ -321,9 +321,12 @@ def test_a_hidden_state_twist_trains_its_head_only_and_runs_in_smc():
         HiddenStateTwist(lm.given("def f():"))
 
 
-def test_smc_reads_a_hidden_state_twist_from_its_own_forward_passes():
-    """The twist's values from SMC's KV-cached hidden states are those of running the prior over
-    each prefix (same seeded particles, same log Ẑ), at the forward passes of SMC with no twist."""
+@pytest.mark.parametrize("kind, proposal", [("hidden", None), ("next", None),
+                                            ("next", "twisted")])
+def test_smc_reads_a_learned_twist_from_its_own_forward_passes(kind, proposal):
+    """A head twist's values from SMC's KV-cached hidden states are those of running the prior
+    over each prefix (same seeded particles, same log Ẑ), at the forward passes of SMC with no
+    twist; a NextTokenTwist gives all V extensions of the twisted proposal at once."""
     from bayesalign.models.tiny import tiny_causal_lm
 
     lm = tiny_causal_lm(seed=1, initializer_range=0.3, max_new_tokens=5)
@@ -333,15 +336,20 @@ def test_smc_reads_a_hidden_state_twist_from_its_own_forward_passes():
         y = pyro.sample("y", lm)
         ba.reward("low", ((y.tokens < 50) & y.mask).sum(-1).double(), kl_coef=0.5)
 
-    twist = HiddenStateTwist(lm)
+    twist = HiddenStateTwist(lm) if kind == "hidden" else NextTokenTwist(lm)
     torch.manual_seed(3)
     torch.nn.init.normal_(twist.head[-1].weight, std=1.0)
+    prefixes = lm.sample_batch(6).tokens[:, :4]
+    for t in range(1, 5):  # CTL's one-pass values are the per-prefix calls
+        assert torch.allclose(twist.all_prefixes(prefixes)[:, t - 1], twist(prefixes[:, :t]),
+                              atol=1e-5)
     calls = []
     handle = lm.module.register_forward_hook(lambda *_: calls.append(1))
 
     def fit(chosen) -> tuple[ba.Posterior, int]:
         calls.clear()
-        posterior = SMC(num_particles=16, twist=chosen, ess_threshold=0.9, seed=5).fit(low_ids)
+        posterior = SMC(num_particles=16, twist=chosen, ess_threshold=0.9, proposal=proposal,
+                        seed=5).fit(low_ids)
         return posterior, len(calls)
 
     reused, reused_calls = fit(twist)
