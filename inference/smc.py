@@ -38,7 +38,6 @@ from bayesalign.errors import (
     ConfigError,
     EmptySupportError,
     InvalidFactorError,
-    VocabularyMismatchError,
 )
 from bayesalign.evaluation import evaluate
 from bayesalign.posterior import Posterior
@@ -48,7 +47,7 @@ from bayesalign.targets import NO_CONTEXT, Target
 from .base import one_context, require_same_vocabulary
 from .next_token import NextToken, next_token
 from .resampling import check_scheme, resample
-from .twists import Twist, log_prefix_factor, prefix_checks
+from .twists import Twist, log_prefix_factor, prefix_checks, require_twist_fits
 
 
 def _ess(log_w: torch.Tensor) -> float:
@@ -129,7 +128,7 @@ class SMC:
             require_same_vocabulary("proposal", self.proposal, prior)
         with seeded(self.seed):
             particles = self._start(prior, context)
-            _require_twist_fits(self.twist, prior, particles.prior.length)
+            require_twist_fits(self.twist, prior, particles.prior.length)
             log_z, history = self._run(particles, target, context, prior)
             log_weights = particles.log_w + (log_z - _log_mean_exp(particles.log_w))
             samples = particles.prior.sequences(particles.tokens, particles.mask,
@@ -380,20 +379,3 @@ def _why_zero(increment: torch.Tensor, log_psi: torch.Tensor, complete: torch.Te
     if finished:
         parts.append(f"the {finished} finished particles already had weight zero")
     return "; ".join(parts)
-
-
-def _require_twist_fits(twist: Twist | None, prior: SequenceDistribution, length: int) -> None:
-    """A twist that declares its vocabulary (a learned twist) must share the prior's, and one
-    that declares its length must cover every prefix the prior makes."""
-    if twist is None:
-        return
-    vocabulary = getattr(twist, "vocabulary_id", None)
-    if vocabulary is not None and tuple(vocabulary) != tuple(prior.vocabulary_id):
-        raise VocabularyMismatchError(
-            f"SMC: the twist's vocabulary {tuple(vocabulary)} differs from the prior's "
-            f"{tuple(prior.vocabulary_id)}; train the twist on this prior")
-    covers = getattr(twist, "max_prefix_length", None)
-    if covers is not None and covers < length - 1:
-        raise ConfigError(
-            f"SMC: the twist covers prefixes up to length {covers} but the prior makes incomplete "
-            f"prefixes up to length {length - 1}; build the twist for this prior's length")

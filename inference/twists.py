@@ -204,6 +204,23 @@ class NextTokenTwist(_PriorHeadTwist):
         return self.head(hidden.float().to(self.head[0].weight.device))
 
 
+def require_twist_fits(twist: Twist | None, prior: SequenceDistribution, length: int) -> None:
+    """A twist that declares its vocabulary (a learned twist) must share the prior's, and one
+    that declares its length must cover every prefix the prior makes."""
+    if twist is None:
+        return
+    vocabulary = getattr(twist, "vocabulary_id", None)
+    if vocabulary is not None and tuple(vocabulary) != tuple(prior.vocabulary_id):
+        raise VocabularyMismatchError(
+            f"SMC: the twist's vocabulary {tuple(vocabulary)} differs from the prior's "
+            f"{tuple(prior.vocabulary_id)}; train the twist on this prior")
+    covers = getattr(twist, "max_prefix_length", None)
+    if covers is not None and covers < length - 1:
+        raise ConfigError(
+            f"SMC: the twist covers prefixes up to length {covers} but the prior makes incomplete "
+            f"prefixes up to length {length - 1}; build the twist for this prior's length")
+
+
 def prefix_checks(target: Target, sequences: Sequences, context: Any = NO_CONTEXT
                   ) -> dict[str, Callable[[Sequences], torch.Tensor]]:
     """The ``holds`` of each ``ba.prefix_constraint`` site of ``target``, read from one trace of
