@@ -50,7 +50,10 @@ def log_z_bounds(
     q, the upper bound conditional SMC's log Ẑ with particle 0 clamped to each exact draw (its
     other particles resampled multinomially, the clamped lineage always kept; SPEC §11;
     twisted-smc-lm's ``smc_backward``). ``smc`` sets the other SMC options (``ess_threshold``,
-    ``resampling``, ``twist``; its ``num_particles``, ``proposal`` and ``seed`` are replaced).
+    ``resampling``, ``twist``, ``prefix_factors``; its ``num_particles`` and ``seed`` are
+    replaced, and its
+    ``proposal`` by q unless it is ``"twisted"`` with q the prior: then both bounds come from
+    twisted SMC, whose conditional run clamps particle 0 the same way).
     The ELBO and EUBO are the same as for IWAE: K fresh draws of q per run, and the exact draws.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -88,11 +91,15 @@ def _smc_bounds(
         raise ConfigError(f"log_z_bounds(method='smc'): num_samples is SMC's number of "
                           f"particles and must be >= 2, got {k}")
     options = {} if smc is None else {
-        "ess_threshold": smc.ess_threshold, "resampling": smc.resampling, "twist": smc.twist}
-    if smc is not None and smc.proposal == "twisted":
-        raise ConfigError("log_z_bounds(method='smc') runs SMC with q as its proposal; "
-                          "proposal='twisted' is not a distribution q")
+        "ess_threshold": smc.ess_threshold, "resampling": smc.resampling, "twist": smc.twist,
+        "prefix_factors": smc.prefix_factors}
     proposal = None if q is prior else q
+    if smc is not None and smc.proposal == "twisted":
+        if proposal is not None:
+            raise ConfigError("log_z_bounds(method='smc'): smc.proposal='twisted' draws from "
+                              "a·ψ, not from q; give q=None (the prior, whose ELBO and EUBO "
+                              "are reported) or an SMC with no proposal")
+        proposal = "twisted"
     base = 0 if seed is None else seed
     lower = []
     for r in range(num_runs):

@@ -247,7 +247,7 @@ class SMC:
         log_norm = torch.logsumexp(log_joint, -1)
         # A row with no extension of positive mass keeps weight zero; it draws from a.
         draw_from = torch.where(torch.isfinite(log_norm)[:, None], log_joint, step_a)
-        token = torch.multinomial(torch.softmax(draw_from, -1), 1).squeeze(-1)
+        token = self._draw(torch.log_softmax(draw_from, -1), rows, t)
         complete = self._complete(token, t, particles.prior.length, prior)
         particles.append(rows, t, token)
         log_psi = candidates.gather(-1, token[:, None]).squeeze(-1)
