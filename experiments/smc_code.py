@@ -273,7 +273,7 @@ def _plot(results: dict, path: Path) -> None:
                  label="reference log Z (Importance)")
     for key, colour, label in (("bounds_smc", "tab:gray", "SMC bounds, prefix twist"),
                                ("bounds_learned", "tab:green",
-                                "SMC bounds, prefix + learned twist")):
+                                "SMC bounds, learned twist, twisted proposal")):
         bounds = results[key]
         if math.isfinite(bounds["lower"]) and math.isfinite(bounds["upper"]):
             z_ax.axhspan(bounds["lower"], bounds["upper"], color=colour, alpha=0.2, label=label)
