@@ -10,9 +10,13 @@ import torch
 
 
 @contextlib.contextmanager
-def lm_head_input(lm_head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """The hidden states fed to ``lm_head`` during the block (a forward pre-hook)."""
+def lm_head_input(lm_head: torch.nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """The hidden states fed to ``lm_head`` during the block (a forward pre-hook); none for a
+    model without output embeddings (``lm_head`` None)."""
     captured: list[torch.Tensor] = []
+    if lm_head is None:
+        yield captured
+        return
     handle = lm_head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
     try:
         yield captured

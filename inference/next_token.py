@@ -71,7 +71,9 @@ class CausalSteps:
         from bayesalign.models.decoding import tokenizer_decoder
 
         self.lm, self.length = lm, lm.max_new_tokens
-        with lm_head_input(lm.module.get_output_embeddings()) as captured:
+        embeddings = getattr(lm.module, "get_output_embeddings", None)
+        self.lm_head = embeddings() if embeddings is not None else None
+        with lm_head_input(self.lm_head) as captured:
             self.state = lm.start(num)
         self.pending: torch.Tensor | None = None  # tokens fed on the next forward pass
         self.hidden = captured[-1][:, -1] if captured else None  # [N, H] after the last token fed
@@ -80,7 +82,7 @@ class CausalSteps:
     def _feed(self) -> None:
         if self.pending is None:
             return
-        with lm_head_input(self.lm.module.get_output_embeddings()) as captured:
+        with lm_head_input(self.lm_head) as captured:
             self.lm.step(self.state, self.pending)
         self.hidden = captured[-1][:, -1] if captured else None
         self.pending = None
