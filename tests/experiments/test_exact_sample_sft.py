@@ -15,7 +15,7 @@ def test_quick_exact_sample_sft_measures_every_epoch(tmp_path):
     assert report == exact_sample_sft.render(results)  # the table is the JSON's rendering
     sizes = results["sizes"]
     (pool,) = results["pools"]
-    assert 0 < pool["pool"] <= pool["drawn"] == sizes["drawn"][0]
+    assert 0 < pool["pool"] <= pool["drawn"] == sizes["runs"][0][0]
     assert [e["epoch"] for e in pool["epochs"]] == list(range(sizes["epochs"] + 1))
     start = pool["epochs"][0]
     # Epoch 0 is the prior itself: the yardstick reads KL(p‖a) and KL(π‖a) is zero.
