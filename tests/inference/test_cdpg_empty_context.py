@@ -8,7 +8,7 @@ import warnings
 import pyro
 import pytest
 import torch
-from conftest import P1, T, brute_force_toy_a
+from conftest import P1, T, brute_force_toy_a, toy_a_prior
 
 import bayesalign as ba
 from bayesalign.errors import DivergenceWarning, EmptySupportError
@@ -46,8 +46,8 @@ def test_an_empty_context_does_not_stop_a_conditional_fit(engine):
 
 
 def rare_world() -> ba.Target:
-    """Toy A constrained to 2, 2, 2: a(y) = 0.021 (SPEC §10), so most small batches miss it."""
-    prior = TabularLM(torch.tensor(P1, dtype=torch.float64), torch.tensor(T, dtype=torch.float64), 3)
+    """Toy A constrained to 2, 2, 2: a(y) = 0.0095, so most 4-draw batches miss it."""
+    prior = toy_a_prior()
 
     @ba.target
     def all_twos():
@@ -73,7 +73,7 @@ def test_dpg_steps_before_the_first_draw_in_the_support_are_steps_without_signal
 
 
 def test_dpg_that_never_reaches_the_support_says_so_after_twenty_steps():
-    prior = TabularLM(torch.tensor(P1, dtype=torch.float64), torch.tensor(T, dtype=torch.float64), 3)
+    prior = toy_a_prior()
 
     @ba.target
     def impossible():
