@@ -12,6 +12,7 @@ separate pool of exact draws, after each epoch.
 
 Target: real_lm_convergence's ``return`` (a·1["return" in the text], 32 tokens, EOS allowed).
 
+Writes a Markdown table and a PNG of KL(p‖π) against epochs.
 ``python -m experiments.exact_sample_sft [--quick] [--output DIR]``; quick mode runs a tiny
 random GPT-2 with a 16-token budget so the tests exercise every path in seconds.
 """
@@ -119,6 +120,7 @@ def run(output: Path, quick: bool) -> str:
     results = write_results(output, "exact_sample_sft", True, results)
     report = render(results)
     write_text_atomic(output / "exact_sample_sft.md", report + "\n")
+    _plot(results, output / "exact_sample_sft.png")
     return report
 
 
@@ -143,6 +145,25 @@ def render(results: dict) -> str:
               f"yardstick's pool: {ref['pool']:,} exact draws of {ref['num_proposed']:,} "
               "proposals, apart from the training pools."]
     return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> None:
+    """KL(p‖π) ± se against epochs, one line per (pool, learning rate), beside the goal."""
+    from bayesalign.app import plots
+
+    fig, (ax,) = plots.figure(1, width=5.5)
+    for pool in results["pools"]:
+        epochs = pool["epochs"]
+        ax.errorbar([e["epoch"] for e in epochs], [e["kl_target_policy"] for e in epochs],
+                    yerr=[e["kl_target_policy_se"] for e in epochs], marker="o", capsize=3,
+                    label=f"{pool['pool']:,} exact samples ({pool['drawn']:,} prior draws), "
+                          f"lr {pool['learning_rate']:g}")
+    ax.axhline(0.1 * results["reference"]["kl_target_prior"], color="tab:red", linewidth=0.8,
+               linestyle="--", label="goal: 0.1·KL(p‖a)")
+    ax.set_xlabel("epochs of maximum likelihood on the pool")
+    ax.set_ylabel("KL(p‖π) ± se (yardstick)")
+    ax.legend(fontsize=7)
+    plots.save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from experiments.results import read_results
 def test_quick_exact_sample_sft_measures_every_epoch(tmp_path):
     report = exact_sample_sft.run(tmp_path, quick=True)
     assert (tmp_path / "exact_sample_sft.md").read_text().strip() == report
+    assert (tmp_path / "exact_sample_sft.png").stat().st_size > 5000
     results = read_results(tmp_path)
     assert results["experiment"] == "exact_sample_sft" and results["finished"]
     assert report == exact_sample_sft.render(results)  # the table is the JSON's rendering
