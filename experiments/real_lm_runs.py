@@ -22,10 +22,12 @@ import bayesalign as ba
 from bayesalign import diagnostics as dx
 from bayesalign.errors import EmptySupportError, TrainingError
 from bayesalign.inference import DPG, KLRL
+from bayesalign.inference.policy import make_policy
 from bayesalign.models import CausalLM, scorers
 from bayesalign.models.adaptors import BanTokens
 from bayesalign.reference import Reference, distances
 from bayesalign.seeding import seeded
+from bayesalign.targets import NO_CONTEXT
 
 PEP8_KL_COEF = 0.01
 
@@ -228,13 +230,26 @@ def segment_sizes(cls: type, options: dict[str, Any]) -> tuple[float, int]:
     return per_step / multiple, multiple
 
 
+def _policy_for(cls: type, target: ba.Target, prior: CausalLM, options: dict[str, Any],
+                seed: int) -> tuple[CausalLM, dict[str, Any]]:
+    """The policy every segment trains, and the options to fit it with. With ``lora`` the
+    adapters are made here, once, and the segments train them (``lora`` dropped): each fit
+    given ``lora`` would add a new adapter, and the policy passed in runs without them."""
+    lora = cls(**options, progress=False).lora
+    if lora is None:
+        return prior.trainable_copy(), options
+    with seeded(seed):  # A is drawn at random, as the engine draws it
+        policy = make_policy(target, NO_CONTEXT, prior.trainable_copy(), lora)
+    return policy, {k: v for k, v in options.items() if k != "lora"}
+
+
 def run_engine(name: str, target: ba.Target, spec: TargetSpec, prior: CausalLM,
                reference: Reference, sizes: Sizes, options: dict[str, Any], workdir: Path,
                seed: int, on_point: Callable[[Curve], None]) -> Curve:
     """Train ``name`` in segments up to ``sizes.budget`` drawn samples, measuring between them."""
     cls, _ = ENGINES[name]
     curve = Curve(name, options)
-    policy = prior.trainable_copy()
+    policy, options = _policy_for(cls, target, prior, options, seed)
     checkpoints = workdir / "checkpoints"
     shutil.rmtree(checkpoints, ignore_errors=True)
     per_step, multiple = segment_sizes(cls, options)

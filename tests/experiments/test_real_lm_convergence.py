@@ -1,6 +1,7 @@
 """experiments/real_lm_convergence: the yardstick's curves per engine on bundled:code-small."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -62,6 +63,17 @@ def test_curves_are_measured_at_increasing_samples_drawn(quick):
         assert all(math.isfinite(p["kl_target_policy"]) and p["kl_target_policy_se"] > 0
                    for p in points)
         assert len(points[-1]["examples"]) == 3
+
+
+def test_a_lora_run_trains_and_measures_one_adapter_across_segments(tmp_path):
+    """With lora= the segments train one adapter and the curve measures it: a fit given lora=
+    adds a new adapter each time, and the policy object it was given runs the base model."""
+    sizes = replace(conv.Sizes.for_mode(True), engines=("DPG",))
+    overrides = {"DPG": {"lora": {"rank": 4}, "learning_rate": 1e-2}}
+    conv.run(tmp_path, quick=True, sizes=sizes, overrides=overrides)
+    points = read_results(tmp_path)["targets"]["return"]["curves"]["DPG"]["points"]
+    assert abs(points[0]["kl_policy_prior"]) < 1e-3  # B = 0: π = a at step 0
+    assert [p["kl_policy_prior"] > 0.01 for p in points[1:]] == [True] * (len(points) - 1)
 
 
 def test_engine_options_merge_and_segments_end_on_whole_ppo_rollouts():
