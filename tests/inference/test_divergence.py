@@ -9,7 +9,12 @@ from conftest import has_two_target, toy_a_prior, toy_a_target
 
 from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError
 from bayesalign.inference import DPG, KLRL
-from bayesalign.inference.divergence import DivergenceState, PooledWeights
+from bayesalign.inference.divergence import (
+    DivergenceMonitor,
+    DivergenceOptions,
+    DivergenceState,
+    PooledWeights,
+)
 from bayesalign.inference.dpg_state import DPGState
 from bayesalign.inference.policy import ScoredBatch
 from bayesalign.sequences import Sequences, mask_through_eos
@@ -114,6 +119,21 @@ def test_the_monitor_state_round_trips_and_an_old_state_is_refused():
     old = {k: v for k, v in dpg.state_dict().items() if k != "divergence"}
     with pytest.raises(ConfigError, match="has no divergence monitor .*older version"):
         dpg.load_state_dict(old)
+
+
+@pytest.mark.parametrize("share, reading", [(1 / 64, None), (0.5, 0.0)])
+def test_a_step_outside_the_support_reads_as_collapse_only_when_that_is_unlikely(share, reading):
+    """At 1 in 64 draws in the support a batch of 64 misses it 37% of the time: no reading; at
+    one in two it would miss with chance 2^-64, so it reads as ESS 0 (and counts to patience)."""
+    monitor = DivergenceMonitor(DivergenceOptions(), "DPG", DivergenceState(), lambda: "")
+    inside = round(share * 640)
+    first = torch.full((640,), -math.inf, dtype=torch.float64)
+    first[:inside] = 0.0
+    monitor.signals("None", first, torch.zeros(640), 0.0)
+    assert monitor.state.pooled["None"].in_support == inside
+    outside = torch.full((64,), -math.inf, dtype=torch.float64)
+    assert monitor.signals("None", outside, torch.zeros(64), 0.0).get("ess_fraction") == reading
+    assert monitor.state.pooled["None"].count == 704  # pooled either way
 
 
 def test_pooled_weights_estimate_log_z_and_e_p_log_potential():
