@@ -123,7 +123,7 @@ def run_engines(prior: CausalLM, kl_coef: float, sizes: Sizes) -> list[dict]:
     reference = exact_reference(target, bound=1.0, num_samples=sizes.reference_samples,
                                 chunk_size=4 * sizes.samples,
                                 max_proposals=200 * sizes.reference_samples, seed=None)
-    exact = reference.samples[torch.arange(sizes.samples)]
+    exact = reference.samples[:sizes.samples]
     add("Rejection", exact, _gibbs_kl(target, reference.samples, kl_coef, reference.log_z),
         acceptance_rate=len(reference.samples) / reference.num_proposed)
     importance = Importance(num_samples=8 * sizes.samples, resample=True).fit(target)
