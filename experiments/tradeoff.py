@@ -26,7 +26,7 @@ from bayesalign.inference import KLRL, Exact
 from bayesalign.models import CausalLM, PrefixTreeLM, scorers
 
 from .cli import experiment_main
-from .pep8_frontier import POLICY_LEARNING_RATE, load_prior, pep8_target
+from .pep8_frontier import load_prior, pep8_target
 from .results import write_results, write_text_atomic
 
 KL_COEFS = (0.5, 1.0, 2.0)
@@ -72,7 +72,8 @@ class CodeSizes:
     def for_mode(cls, quick: bool) -> CodeSizes:
         if quick:
             return cls(0.05, 2, 8, 1e-3, 16, 32, 8)
-        return cls(0.01, 60, 32, POLICY_LEARNING_RATE, 64, 512, 32)
+        # 1e-4: the rate pep8_frontier's DPG rows used while it set one by hand.
+        return cls(0.01, 60, 32, 1e-4, 64, 512, 32)
 
 
 @dataclass(frozen=True)
