@@ -47,7 +47,7 @@ from bayesalign.models.tiny import tiny_causal_lm
 from bayesalign.sequences import Sequences
 
 from .cli import experiment_main
-from .results import write_results, write_text_atomic
+from .results import publish, write_text_atomic
 
 PROMPTS = Path(__file__).parent / "data" / "code_prompts.json"
 FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
@@ -191,13 +191,11 @@ def run(output: Path, quick: bool) -> str:
         for index, prompt in enumerate(held_out):
             rows += evaluate_prompt(target, prior, policies, prompt, sizes)
             # Written after every prompt, so a stopped full run keeps what it measured.
-            results = write_results(output, "code_prompts", index == len(held_out) - 1, {
+            report = publish(output, "code_prompts", {
                 "quick": quick, "sizes": asdict(sizes), "train_prompts": train,
-                "summary": summary(rows), "rows": rows})
-            report = render(results)
-            write_text_atomic(output / "code_prompts.md", report + "\n")
+                "summary": summary(rows), "rows": rows}, index == len(held_out) - 1, render,
+                _plot)[1]
             _write_csv(rows, output / "code_prompts.csv")
-    _plot(rows, output / "code_prompts.png")
     return report
 
 
@@ -267,10 +265,10 @@ def _write_csv(rows: list[dict], path: Path) -> None:
     write_text_atomic(path, text.getvalue())
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(results: dict, path: Path) -> None:
     from bayesalign.app import plots
 
-    stats = summary(rows)
+    stats = results["summary"]
     names = [s["method"] for s in stats]
     fig, axes = plots.figure(2, width=5.0, height=3.8)
     for ax, key, label in ((axes[0], "parse_rate", "parse rate"),

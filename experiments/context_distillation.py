@@ -34,7 +34,7 @@ from bayesalign.models.tiny import tiny_causal_lm
 from bayesalign.reference import Reference, distances
 
 from .cli import experiment_main
-from .results import write_results, write_text_atomic
+from .results import publish
 
 PROMPT = "import os\nimport sys\n"
 QUICK_TEXTS = ["def f(x):\n    return x\n", "class A:\n    pass\n", "for i in range(3):\n    i\n",
@@ -149,14 +149,10 @@ def run(output: Path, quick: bool) -> str:
             target, texts[:8], references, sizes, output / "checkpoints", per_step=sizes.dpg_batch),
     ]
     model = "tiny random GPT-2, quick" if quick else "bundled:code-small"
-    results = write_results(output, "context_distillation", True, {
+    return publish(output, "context_distillation", {
         "quick": quick, "model": model, "prompt": PROMPT, "sizes": asdict(sizes),
         "held_out_contexts": contexts, "prior": start, "curves": curves,
-    })
-    report = render(results)
-    write_text_atomic(output / "context_distillation.md", report + "\n")
-    _plot(results, output / "context_distillation.png")
-    return report
+    }, True, render, _plot)[1]
 
 
 def render(results: dict) -> str:

@@ -33,7 +33,7 @@ from bayesalign.seeding import seeded
 
 from .cli import experiment_main
 from .real_lm_runs import TARGETS, load_prior, make_target, measure, reference_row
-from .results import write_results, write_text_atomic
+from .results import publish, write_results
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,7 @@ def run(output: Path, quick: bool) -> str:
         done.append(pool_row(target, spec, prior, reference, sizes, drawn, learning_rate,
                              drawn, save))
     results["pools"] = done
-    results = write_results(output, "exact_sample_sft", True, results)
-    report = render(results)
-    write_text_atomic(output / "exact_sample_sft.md", report + "\n")
-    _plot(results, output / "exact_sample_sft.png")
-    return report
+    return publish(output, "exact_sample_sft", results, True, render, _plot)[1]
 
 
 def render(results: dict) -> str:

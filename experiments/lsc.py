@@ -38,7 +38,7 @@ from bayesalign.sequences import Sequences
 
 from .cli import experiment_main
 from .pep8_frontier import load_prior
-from .results import write_results, write_text_atomic
+from .results import publish
 
 PROPERTIES = ("pep8", "parses")
 METHODS = ("raw", "lsc")
@@ -154,11 +154,9 @@ def run(output: Path, quick: bool) -> str:
             for kl_coef in sizes.kl_coefs[method]:
                 rows.append(train(prior, method, calibration, kl_coef, sizes))
                 # Written after every run, so a long full run that is stopped keeps its rows.
-                results = write_results(output, "lsc", len(rows) == runs + 1, _results(
-                    rows, calibration, sizes, quick, time.perf_counter() - start))
-                report = render(results)
-                write_text_atomic(output / "lsc.md", report + "\n")
-    _plot(rows, output / "lsc.png")
+                report = publish(output, "lsc", _results(
+                    rows, calibration, sizes, quick, time.perf_counter() - start),
+                    len(rows) == runs + 1, render, _plot)[1]
     return report
 
 
@@ -201,9 +199,10 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(results: dict, path: Path) -> None:
     from bayesalign.app import plots
 
+    rows = results["rows"]
     fig, axes = plots.figure(3, width=4.0, height=3.6)
     titles = {"sat_pep8": "PEP8 better than r_ref", "sat_parses": "parses",
               "worst": "worst property (AND)"}

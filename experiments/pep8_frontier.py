@@ -38,7 +38,7 @@ from bayesalign.reference import distances
 
 from .cli import experiment_main
 from .real_lm_runs import segment_sizes
-from .results import write_results, write_text_atomic
+from .results import publish
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,9 @@ def run(output: Path, quick: bool) -> str:
         for index, kl_coef in enumerate(sizes.kl_coefs):
             rows += run_engines(prior, kl_coef, sizes)
             # Written after every kl_coef, so a long full run that is stopped keeps its rows.
-            results = write_results(output, "pep8_frontier", index == len(sizes.kl_coefs) - 1,
-                                    {"quick": quick, "sizes": asdict(sizes), "rows": rows})
-            report = render(results)
-            write_text_atomic(output / "pep8_frontier.md", report + "\n")
-    _plot(rows, output / "pep8_frontier.png")
+            report = publish(output, "pep8_frontier",
+                             {"quick": quick, "sizes": asdict(sizes), "rows": rows},
+                             index == len(sizes.kl_coefs) - 1, render, _plot)[1]
     return report
 
 
@@ -203,13 +201,14 @@ def render(results: dict) -> str:
     return "\n".join([title, "", *lines])
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(results: dict, path: Path) -> None:
     from bayesalign.app import plots
 
     # One curve per engine and learning rate; BestOfN's n and QRS's β_q vary along a curve.
     points = [{"engine": re.sub(r" (n|β_q)=\S+", "", r["engine"]),
                "kl_policy_prior": r["kl_policy_prior"],
-               "reward": -r["violations_per_char"], "label": _point_label(r)} for r in rows]
+               "reward": -r["violations_per_char"], "label": _point_label(r)}
+              for r in results["rows"]]
     plots.plot_reward_kl_frontier(points, path, symlog_kl=True)
 
 

@@ -55,7 +55,7 @@ from bayesalign.posterior import Posterior
 from bayesalign.seeding import seeded
 
 from .cli import experiment_main
-from .results import write_results, write_text_atomic
+from .results import publish, write_text_atomic
 
 SEED = 0
 PRESET = "tiny"
@@ -308,15 +308,12 @@ def run(output: Path, quick: bool) -> str:
                                 heldout_log_probs(post, chunks, phf_decoding=True),
                                 mle_log_probs, sizes, seconds))
         # Written after every objective, so a stopped full run keeps its rows.
-        results = write_results(output, "phf_pep8", objective == OBJECTIVES[-1], {
+        report = publish(output, "phf_pep8", {
             "quick": quick, "sizes": asdict(sizes) | {"tokens": sizes.tokens},
             "preset": PRESET, "temperature": TEMPERATURE, "top_p": TOP_P,
             "heldout_chunks": len(chunks), "heldout_tokens": int(mle_log_probs.numel()),
-            "rows": rows})
-        report = render(results)
-        write_text_atomic(output / "phf_pep8.md", report + "\n")
+            "rows": rows}, objective == OBJECTIVES[-1], render, _plot)[1]
         write_text_atomic(output / "samples.json", json.dumps(samples, indent=1))
-    _plot(rows, output / "phf_pep8.png")
     return report
 
 
@@ -349,12 +346,12 @@ def render(results: dict) -> str:
     return "\n".join([title, "", *lines])
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(results: dict, path: Path) -> None:
     """Misalignment against KL from MLE, one labelled point per objective."""
     from bayesalign.app import plots
 
     fig, (ax,) = plots.figure(1, width=5.5, height=4.0)
-    for r in rows:
+    for r in results["rows"]:
         ax.errorbar(r["kl_from_mle"], r["misalignment"], yerr=r["misalignment_se"], fmt="o",
                     markersize=5, capsize=2)
         ax.annotate(r["objective"], (r["kl_from_mle"], r["misalignment"]), fontsize=7,

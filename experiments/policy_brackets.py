@@ -32,7 +32,7 @@ from bayesalign.inference import DPG, KLRL, exact_reference, log_z_bounds
 
 from . import smc_code
 from .cli import experiment_main
-from .results import write_results, write_text_atomic
+from .results import publish, write_results
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,7 @@ def run(output: Path, quick: bool) -> str:
         drawn = 0 if q is None else sizes.steps * sizes.batch_size
         results["rows"].append(bracket_row(name, target, q, reference, sizes, drawn))
         write_results(output, "policy_brackets", False, results)  # a stopped run keeps its rows
-    results = write_results(output, "policy_brackets", True, results)
-    report = render(results)
-    write_text_atomic(output / "policy_brackets.md", report + "\n")
-    return report
+    return publish(output, "policy_brackets", results, True, render)[1]
 
 
 def _interval(ends: list[float]) -> str:

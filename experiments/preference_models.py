@@ -37,7 +37,7 @@ from bayesalign.models.preference import (
 from bayesalign.models.tiny import stdlib_texts, stdlib_tokenizer, tiny_gpt2
 
 from .cli import experiment_main
-from .results import write_results, write_text_atomic
+from .results import publish
 
 OBJECTIVES = ("ranked", "binary", "imitation")
 # Rows of the table: imitation is one trained model compared by two normalisations.
@@ -163,24 +163,20 @@ def run(output: Path, quick: bool, score_fn: Callable | None = None) -> str:
     columns = (0, *settings.sizes)
     summary = {key: [r[key] for r in per_seed] for key in per_seed[0]}
     seconds = time.perf_counter() - started
-    results = write_results(output, "preference_models", True, {
+    return publish(output, "preference_models", {
         "quick": quick, "settings": asdict(settings), "seconds": seconds,
         "test_pairs": len(data.test), "pmp_label_noise": PMP_LABEL_NOISE,
         "shorter_wins": data.shorter_wins,
         "accuracy": [{"objective": row, "pmp": with_pmp, "comparisons": n,
                       "per_seed": summary[row, with_pmp, n]}
-                     for row in ROWS for with_pmp in (False, True) for n in columns]})
-    report = render(results)
-    write_text_atomic(output / "preference_models.md", report + "\n")
-    _plot(summary, settings, output / "preference_models.png")
-    return report
+                     for row in ROWS for with_pmp in (False, True) for n in columns]},
+        True, render, _plot)[1]
 
 
 def render(results: dict) -> str:
     """The Markdown table of a results.json's contents."""
     settings = results["settings"]
-    accuracy = {(a["objective"], a["pmp"], a["comparisons"]): a["per_seed"]
-                for a in results["accuracy"]}
+    accuracy = _per_seed(results)
     rows = list(dict.fromkeys(a["objective"] for a in results["accuracy"]))
     columns = list(dict.fromkeys(a["comparisons"] for a in results["accuracy"]))
     seeds = len(settings["seeds"])
@@ -210,27 +206,35 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _per_seed(results: dict) -> dict[tuple[str, bool, int], list[float]]:
+    """The accuracies per seed, keyed by (objective, PMP, comparisons) as `run_seed` keys them."""
+    return {(a["objective"], a["pmp"], a["comparisons"]): a["per_seed"]
+            for a in results["accuracy"]}
+
+
 def _cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _plot(summary: dict, settings: Settings, path: Path) -> None:
+def _plot(results: dict, path: Path) -> None:
     from bayesalign.app import plots
 
+    per_seed = _per_seed(results)
+    sizes = results["settings"]["sizes"]
     fig, (ax,) = plots.figure(1, width=6.0, height=4.2)
     for k, row in enumerate(ROWS):
         for with_pmp in (False, True):
-            values = [summary[row, with_pmp, n] for n in settings.sizes]
+            values = [per_seed[row, with_pmp, n] for n in sizes]
             means = [statistics.mean(v) for v in values]
             errors = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-            ax.errorbar(settings.sizes, means, yerr=errors, color=f"C{k}", marker="o", capsize=3,
+            ax.errorbar(sizes, means, yerr=errors, color=f"C{k}", marker="o", capsize=3,
                         linestyle="-" if with_pmp else "--",
                         label=f"{row}, {'PMP' if with_pmp else 'no PMP'}")
     ax.axhline(0.5, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(settings.sizes, [str(n) for n in settings.sizes])
+    ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.set_xlabel("training comparisons")
     ax.set_ylabel("held-out pairwise accuracy")
     ax.set_title("PM objectives on a PEP8 preference (tiny random GPT-2)", fontsize=10)

@@ -28,7 +28,7 @@ from bayesalign.models.bundled import CODE_SMALL_DIR
 from bayesalign.models.pretraining.card import whole_sample_report
 from bayesalign.models.tiny import tiny_causal_lm
 
-from .results import write_results, write_text_atomic
+from .results import publish
 
 EXPERIMENT = "priors"
 
@@ -65,11 +65,7 @@ def quick_row() -> dict:
 def run(output: Path, priors: list[Path], seeds: int, quick: bool = False) -> str:
     output.mkdir(parents=True, exist_ok=True)
     rows = [quick_row()] if quick else [measure(folder, seeds) for folder in priors]
-    results = write_results(output, EXPERIMENT, True, {"quick": quick, "rows": rows})
-    report = render(results)
-    write_text_atomic(output / f"{EXPERIMENT}.md", report + "\n")
-    _plot(results, output / f"{EXPERIMENT}.png")
-    return report
+    return publish(output, EXPERIMENT, {"quick": quick, "rows": rows}, True, render, _plot)[1]
 
 
 def render(results: dict) -> str:

@@ -52,7 +52,7 @@ from .real_lm_runs import (
     run_engine,
 )
 from .real_lm_runs import segment_sizes as segment_sizes  # re-exported: the tests size segments here
-from .results import read_results, write_results, write_text_atomic
+from .results import publish, read_results
 
 EXPERIMENT = "real_lm_convergence"
 GOAL_FRACTION = 0.1  # the goal: KL(p‖π) ≤ 0.1·KL(p‖a)
@@ -74,8 +74,9 @@ def run(output: Path, quick: bool, *, sizes: Sizes | None = None,
     results: dict[str, Any] = {"quick": quick, "sizes": asdict(sizes), "seed": seed,
                                "overrides": overrides, "targets": {}}
 
-    def save(finished: bool) -> dict[str, Any]:
-        return publish(output, results, finished)
+    def save(finished: bool) -> str:
+        # After every evaluation point, so a run that is stopped leaves the JSON, table and PNG.
+        return publish(output, EXPERIMENT, results, finished, render, plot, plot_partial=True)[1]
 
     for target_name in sizes.targets:
         spec = TARGETS[target_name]
@@ -100,16 +101,7 @@ def run(output: Path, quick: bool, *, sizes: Sizes | None = None,
 
             run_engine(name, target, spec, prior, reference, sizes, options,
                        output / target_name / name.replace(" ", "_"), seed, on_point)
-    return render(save(True))
-
-
-def publish(output: Path, results: dict[str, Any], finished: bool) -> dict[str, Any]:
-    """results.json (atomically), its Markdown table and its PNG, after every evaluation point,
-    so a run that is stopped leaves all three."""
-    saved = write_results(output, EXPERIMENT, finished, results)
-    write_text_atomic(output / f"{EXPERIMENT}.md", render(saved) + "\n")
-    plot(saved, output / f"{EXPERIMENT}.png")
-    return saved
+    return save(True)
 
 
 def merge(folders: list[Path], output: Path) -> str:
@@ -135,7 +127,8 @@ def merge(folders: list[Path], output: Path) -> str:
             into = merged["targets"].setdefault(name, {**entry, "curves": {}})
             into["curves"].update(entry["curves"])
     Path(output).mkdir(parents=True, exist_ok=True)
-    return render(publish(output, merged, all(r["finished"] for r in runs)))
+    return publish(output, EXPERIMENT, merged, all(r["finished"] for r in runs), render, plot,
+                   plot_partial=True)[1]
 
 
 # -- reporting -----------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ Each experiment writes ``results.json`` (named fields, the numbers its table sho
 its Markdown table from that file's contents, so the table and the JSON cannot disagree. A run
 that writes as it goes (after every engine, every kl_coef…) marks its file ``"finished": false``
 until the last write; each write goes to a temporary file first and is renamed over the old one,
-so a reader never sees half a file. Non-finite floats are stored as the strings ``"nan"``,
-``"inf"``, ``"-inf"`` (standard JSON has no NaN; the demo's results.json does the same) and
-read back as floats.
+so a reader never sees half a file. `publish` is every experiment's ending: the JSON, then the
+Markdown and the PNG drawn from what the JSON holds. Non-finite floats are stored as the strings
+``"nan"``, ``"inf"``, ``"-inf"`` (standard JSON has no NaN; the demo's results.json does the
+same) and read back as floats.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,25 @@ def write_results(output: Path, experiment: str, finished: bool, results: dict[s
     text = json.dumps(_jsonable(document), indent=1, ensure_ascii=False)
     write_text_atomic(Path(output) / RESULTS, text + "\n")
     return _restore(json.loads(text))
+
+
+def publish(output: Path, experiment: str, results: dict[str, Any], finished: bool,
+            render: Callable[[dict[str, Any]], str],
+            plot: Callable[[dict[str, Any], Path], object] | None = None, *,
+            plot_partial: bool = False) -> tuple[dict[str, Any], str]:
+    """Write ``results.json``, then ``{experiment}.md`` rendered and ``{experiment}.png`` plotted
+    from its contents as read back, so neither can disagree with the JSON; return both.
+
+    The plot is drawn once the run is ``finished`` (or on every call with ``plot_partial``, for
+    a run whose curves are worth seeing while it goes).
+    """
+    output = Path(output)
+    saved = write_results(output, experiment, finished, results)
+    report = render(saved)
+    write_text_atomic(output / f"{experiment}.md", report + "\n")
+    if plot is not None and (finished or plot_partial):
+        plot(saved, output / f"{experiment}.png")
+    return saved, report
 
 
 def read_results(output: Path) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from bayesalign.models import CausalLM
 from bayesalign.models.tiny import tiny_causal_lm
 
 from .cli import experiment_main
-from .results import write_results, write_text_atomic
+from .results import publish, write_results
 
 
 @dataclass(frozen=True)
@@ -221,11 +221,7 @@ def run(output: Path, quick: bool) -> str:
                                   exact_samples=exact, method=method, smc=engine)
             results[key] = {"lower": bounds.log_z_lower, "upper": bounds.log_z_upper,
                             "gap": bounds.gap}
-    results = write_results(output, "smc_code", True, results)
-    report = render(results)
-    write_text_atomic(output / "smc_code.md", report + "\n")
-    _plot(results, output / "smc_code.png")
-    return report
+    return publish(output, "smc_code", results, True, render, _plot)[1]
 
 
 def render(results: dict) -> str:

@@ -26,8 +26,8 @@ from bayesalign.inference import KLRL, Exact
 from bayesalign.models import CausalLM, PrefixTreeLM, scorers
 
 from .cli import experiment_main
-from .pep8_frontier import POLICY_LEARNING_RATE, load_prior, pep8_target
-from .results import write_results, write_text_atomic
+from .pep8_frontier import load_prior, pep8_target
+from .results import publish
 
 KL_COEFS = (0.5, 1.0, 2.0)
 ADAPTORS = {
@@ -72,7 +72,8 @@ class CodeSizes:
     def for_mode(cls, quick: bool) -> CodeSizes:
         if quick:
             return cls(0.05, 2, 8, 1e-3, 16, 32, 8)
-        return cls(0.01, 60, 32, POLICY_LEARNING_RATE, 64, 512, 32)
+        # 1e-4: the rate pep8_frontier's DPG rows used while it set one by hand.
+        return cls(0.01, 60, 32, 1e-4, 64, 512, 32)
 
 
 @dataclass(frozen=True)
@@ -179,18 +180,13 @@ def run(output: Path, quick: bool) -> str:
         code_points = code_adaptor_points(*aligned_code_model(sizes, quick), sizes)
     slope, pearson = corpus_trend(code_points)
     model = "tiny random GPT-2, quick" if quick else "bundled:code-small"
-    results = write_results(output, "tradeoff", True, {
+    return publish(output, "tradeoff", {
         "quick": quick,
         "typical": {"corpus_size": 100, "epsilon": 0.01, "fits": [asdict(f) for f in fits]},
         "adaptors": {"kl_coef": 1.0, "points": points},
         "code": {"model": model, "sizes": asdict(sizes), "points": code_points,
                  "trend": {"slope": slope, "pearson": pearson}},
-    })
-    report = render(results)
-    write_text_atomic(output / "tradeoff.md", report + "\n")
-    _plot(points, output / "tradeoff.png", "adaptors trade likelihood for reward (Toy A, β = 1)")
-    _plot(code_points, output / "tradeoff_code.png", f"adaptors on the aligned code model ({model})")
-    return report
+    }, True, render, _plot_both)[1]
 
 
 def render(results: dict) -> str:
@@ -222,6 +218,14 @@ def render(results: dict) -> str:
               f"pooled): slope dR̄/dĀ = {code['trend']['slope']:.2e} (−β = "
               f"{-sizes['kl_coef']:g}), Pearson {code['trend']['pearson']:.3f}."]
     return "\n".join(lines)
+
+
+def _plot_both(results: dict, path: Path) -> None:
+    """Toy A's adaptors at ``path``, the code model's beside it (``tradeoff_code.png``)."""
+    _plot(results["adaptors"]["points"], path,
+          "adaptors trade likelihood for reward (Toy A, β = 1)")
+    _plot(results["code"]["points"], path.with_stem(f"{path.stem}_code"),
+          f"adaptors on the aligned code model ({results['code']['model']})")
 
 
 def _plot(points: list[dict], path: Path, title: str) -> None:

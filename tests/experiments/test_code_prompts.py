@@ -38,11 +38,11 @@ def test_quick_run_evaluates_held_out_prompts_with_policies_trained_on_train_pro
         monkeypatch.setattr(module, "score_batch", spy)
     finished = []
 
-    def write_results(output, experiment, done, results, original=code_prompts.write_results):
+    def publish(output, experiment, results, done, *rest, original=code_prompts.publish):
         finished.append(done)
-        return original(output, experiment, done, results)
+        return original(output, experiment, results, done, *rest)
 
-    monkeypatch.setattr(code_prompts, "write_results", write_results)
+    monkeypatch.setattr(code_prompts, "publish", publish)
     report = code_prompts.run(tmp_path, quick=True)
     assert (tmp_path / "code_prompts.md").read_text().strip() == report
     assert (tmp_path / "code_prompts.png").stat().st_size > 5000

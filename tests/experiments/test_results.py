@@ -1,4 +1,5 @@
-"""experiments/results: results.json is written whole or not at all, and reads back what was written."""
+"""experiments/results: results.json is written whole or not at all, and reads back what was
+written; `publish` draws the table and the plot from what was written."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import os
 import pytest
 import torch
 
-from experiments.results import RESULTS, read_results, write_results
+from experiments.results import RESULTS, publish, read_results, write_results
 
 
 def test_results_read_back_with_tensors_as_lists_and_non_finite_floats_restored(tmp_path):
@@ -37,3 +38,24 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
         write_results(tmp_path, "demo", False, {"value": 2})
     assert read_results(tmp_path) == {"experiment": "demo", "finished": True, "value": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == [RESULTS]
+
+
+def test_publish_renders_and_plots_the_saved_json_and_plots_only_once_finished(tmp_path):
+    plotted = []
+
+    def render(saved):
+        return f"{saved['experiment']}: {saved['sizes']!r}, finished {saved['finished']}"
+
+    def plot(saved, path):
+        plotted.append((saved["sizes"], path))
+
+    for finished, partial in ((False, False), (True, False), (False, True)):
+        saved, report = publish(tmp_path, "demo", {"sizes": (1, 2)}, finished, render, plot,
+                                plot_partial=partial)
+        assert saved == read_results(tmp_path) and saved["finished"] is finished
+        # The tuple came back from the JSON as a list: the table shows what the file holds.
+        assert report == f"demo: [1, 2], finished {finished}"
+        assert (tmp_path / "demo.md").read_text() == report + "\n"
+    assert plotted == [([1, 2], tmp_path / "demo.png")] * 2
+    publish(tmp_path, "bare", {"sizes": 1}, True, render)
+    assert (tmp_path / "bare.md").exists() and not (tmp_path / "bare.png").exists()
