@@ -243,6 +243,16 @@ def _policy_for(cls: type, target: ba.Target, prior: CausalLM, options: dict[str
     return policy, {k: v for k, v in options.items() if k != "lora"}
 
 
+def _last_monitor_readings(history: list[dict], before: dict[str, float]) -> dict[str, float]:
+    """The divergence monitor's readings (``monitor_*``) at the last step that had any (a step
+    with no draw in the support may have none), or ``before`` if no step of ``history`` had."""
+    for row in reversed(history):
+        readings = {k: v for k, v in row.items() if k.startswith("monitor_")}
+        if readings:
+            return readings
+    return before
+
+
 def run_engine(name: str, target: ba.Target, spec: TargetSpec, prior: CausalLM,
                reference: Reference, sizes: Sizes, options: dict[str, Any], workdir: Path,
                seed: int, on_point: Callable[[Curve], None]) -> Curve:
@@ -254,6 +264,7 @@ def run_engine(name: str, target: ba.Target, spec: TargetSpec, prior: CausalLM,
     shutil.rmtree(checkpoints, ignore_errors=True)
     per_step, multiple = segment_sizes(cls, options)
     drawn, steps = 0, 0
+    monitor: dict[str, float] = {}  # the divergence monitor's latest readings
     for goal in sizes.evaluation_points():
         if 0 < goal <= drawn:  # the last segment already drew past this point
             continue
@@ -267,7 +278,8 @@ def run_engine(name: str, target: ba.Target, spec: TargetSpec, prior: CausalLM,
             try:
                 with counting_draws() as count, warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    engine.fit(target)
+                    history = engine.fit(target).history
+                monitor = _last_monitor_readings(history, monitor)
             except EmptySupportError as error:
                 # The fit's own final diagnostics found no target mass in its few draws; the
                 # segment trained and was checkpointed all the same (measured below).
@@ -289,7 +301,7 @@ def run_engine(name: str, target: ba.Target, spec: TargetSpec, prior: CausalLM,
                 if not any(str(w.message) in m for m in curve.warnings):
                     curve.warnings.append(message)
         point = {"samples": drawn, "steps": steps, "train_seconds": curve.train_seconds,
-                 **measure(target, spec, policy, reference, sizes.eval_samples, seed + 1)}
+                 "monitor": monitor, **measure(target, spec, policy, reference, sizes.eval_samples, seed + 1)}
         curve.points.append(point)
         on_point(curve)
     shutil.rmtree(checkpoints, ignore_errors=True)

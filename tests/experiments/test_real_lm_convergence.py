@@ -63,6 +63,18 @@ def test_curves_are_measured_at_increasing_samples_drawn(quick):
         assert all(math.isfinite(p["kl_target_policy"]) and p["kl_target_policy_se"] > 0
                    for p in points)
         assert len(points[-1]["examples"]) == 3
+        assert points[0]["monitor"] == {} and all(isinstance(p["monitor"], dict) for p in points)
+
+
+def test_points_keep_the_monitors_latest_readings():
+    """Kept to calibrate the divergence monitor on real runs: the last step with readings (a
+    step without a draw in the support has none), else the readings kept before."""
+    from experiments.real_lm_runs import _last_monitor_readings
+
+    history = [{"loss": 1.0, "monitor_ess_fraction": 0.5}, {"loss": 2.0}]
+    assert _last_monitor_readings(history, {}) == {"monitor_ess_fraction": 0.5}
+    assert _last_monitor_readings([{"loss": 2.0}], {"monitor_ess_fraction": 0.1}) == {
+        "monitor_ess_fraction": 0.1}
 
 
 def test_a_lora_run_trains_and_measures_one_adapter_across_segments(tmp_path):
