@@ -25,6 +25,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -144,7 +145,7 @@ def run_engines(prior: CausalLM, kl_coef: float, sizes: Sizes) -> list[dict]:
 
 
 def _fit_policy(target: ba.Target, prior: CausalLM, reference, cls: type, options: dict,
-                sizes: Sizes) -> tuple:
+                sizes: Sizes) -> tuple[Any, float, dict[str, Any]]:
     """One policy engine at its defaults for ``sizes.policy_samples`` drawn samples: its
     samples, on-policy KL(π‖a), and the yardstick's KL(p‖π) ± se."""
     if sizes.policy_batch is not None:
@@ -204,7 +205,7 @@ def render(results: dict) -> str:
 def _plot(results: dict, path: Path) -> None:
     from bayesalign.app import plots
 
-    # One curve per engine and learning rate; BestOfN's n and QRS's β_q vary along a curve.
+    # One curve per engine; BestOfN's n and QRS's β_q vary along a curve.
     points = [{"engine": re.sub(r" (n|β_q)=\S+", "", r["engine"]),
                "kl_policy_prior": r["kl_policy_prior"],
                "reward": -r["violations_per_char"], "label": _point_label(r)}
