@@ -188,10 +188,9 @@ class DivergenceMonitor:
         pooled.add(log_w, log_potential)
         finite = torch.isfinite(log_w)
         if not finite.any():
-            # Before any draw with P > 0 there is no posterior to collapse onto, and where draws
-            # in the support are rare a step without one is chance: no signal either.
-            evidence = math.isfinite(before_log_z) and chance_all_outside < EMPTY_STEP_EVIDENCE
-            return {"ess_fraction": 0.0} if evidence else {}
+            # Before any draw with P > 0 there is no posterior to collapse onto (the chance is
+            # then 1), and where draws in the support are rare a step without one is chance.
+            return {"ess_fraction": 0.0} if chance_all_outside < EMPTY_STEP_EVIDENCE else {}
         log_sum = float(torch.logsumexp(log_w[finite], 0))
         log_sum_sq = float(torch.logsumexp(2 * log_w[finite], 0))
         pooled.kl_policy_prior = kl_policy_prior
