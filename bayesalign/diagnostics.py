@@ -130,6 +130,12 @@ class Diagnostics:
       se includes log Ẑ's) or ``"snis"`` (weighted prior draws, whose ``reference_ess`` and
       ``reference_pareto_k`` say when not to trust it: k̂ above SPEC §9's threshold for the
       pool's size, or an ESS below ``reference.MIN_REFERENCE_ESS``; ``warnings`` says so).
+      Where fresh policy draws were made, ``reference_kl_policy_target`` ± ``_se`` is the
+      reverse KL(π‖p) from them and the pool's log Ẑ (+inf, certainly, when a draw has P = 0),
+      ``reference_outside_support`` ± ``_se`` π's mass where P = 0, and
+      ``reference_kl_policy_target_in_support`` ± ``_se`` KL(π_S‖p) of π conditioned on p's
+      support (`reference.ReverseDistance`): forward and reverse together tell a policy that
+      misses p's mass from one that puts mass where p has little.
     - ``exact``: True when ``kl_target_policy``, ``tvd``, ``kl_policy_prior``, ``elbo``,
       ``rewards`` and ``moments`` were computed by enumerating the support (no Monte Carlo
       error in the computation) under the law ``distances_from`` names; False when they are
@@ -172,6 +178,12 @@ class Diagnostics:
     reference_num_samples: int | None = None
     reference_ess: float | None = None
     reference_pareto_k: float | None = None
+    reference_kl_policy_target: float | None = None
+    reference_kl_policy_target_se: float | None = None
+    reference_kl_policy_target_in_support: float | None = None
+    reference_kl_policy_target_in_support_se: float | None = None
+    reference_outside_support: float | None = None
+    reference_outside_support_se: float | None = None
     extras: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 

@@ -24,7 +24,7 @@ from . import diagnostics as dx
 from .diagnostics import Diagnostics
 from .distribution import SequenceDistribution
 from .errors import ConfigError
-from .reference import Reference, distances
+from .reference import Reference, distances, reverse_distance
 from .sequences import Sequences
 from .targets import NO_CONTEXT, FactorSite, Target
 
@@ -65,7 +65,8 @@ def evaluate(
       importance-sampling distances. The draws use torch's global RNG.
     - ``reference``: a `Reference` pool built for this target and context (refused otherwise);
       ``law`` (or ``policy.log_prob``) is evaluated on its draws for ``reference_*`` KL(p‖π)
-      and TVD with standard errors. No draws are made for it.
+      and TVD with standard errors, and, where fresh ``policy`` draws were made, the reverse
+      KL(π‖p) from them and the pool's log Ẑ. No draws are made for it.
 
     Reads no `Posterior` and changes none of its arguments.
     """
@@ -104,6 +105,9 @@ def evaluate(
     result.check_pareto_k()
     if reference is not None:
         _fill_reference(result, reference, law or policy.log_prob)
+        if policy_draws is not None:
+            _fill_reverse(result, reference, log_w + policy_draws.log_q.double(),
+                          policy_draws.log_q.double())
     return result
 
 
@@ -163,6 +167,17 @@ def _fill_reference(result: Diagnostics, reference: Reference, law: LogProb) -> 
     if message is not None:
         result.warnings.append(message)
         warnings.warn(message, stacklevel=3)
+
+
+def _fill_reverse(result: Diagnostics, reference: Reference, log_score: torch.Tensor,
+                  log_pi: torch.Tensor) -> None:
+    measured = reverse_distance(reference, log_score, log_pi)
+    result.reference_kl_policy_target = measured.kl_policy_target
+    result.reference_kl_policy_target_se = measured.kl_policy_target_se
+    result.reference_kl_policy_target_in_support = measured.kl_in_support
+    result.reference_kl_policy_target_in_support_se = measured.kl_in_support_se
+    result.reference_outside_support = measured.outside_support
+    result.reference_outside_support_se = measured.outside_support_se
 
 
 def _fill_weight_stats(result: Diagnostics, log_w: torch.Tensor) -> None:

@@ -154,6 +154,56 @@ class ReferenceDistances:
     pareto_k: float | None = None
 
 
+@dataclass(frozen=True)
+class ReverseDistance:
+    """KL(π‖p) from π's own draws and a pool's log Ẑ (SPEC §12), with standard errors.
+
+    A draw where P = 0 makes KL(π‖p) infinite (π has mass p has not: a broken hard constraint),
+    so beside it stand ``outside_support``, π's mass where P = 0 (the draws' share), and
+    ``kl_in_support``, KL(π_S‖p) of π conditioned on p's support S: how far the part of π
+    that meets the target is from p (a mode-seeking collapse shows here; the forward KL(p‖π)
+    shows the mass π misses). ``kl_in_support`` is None when no draw lies in S."""
+
+    kl_policy_target: float
+    kl_policy_target_se: float
+    kl_in_support: float | None
+    kl_in_support_se: float | None
+    outside_support: float
+    outside_support_se: float
+    num_draws: int
+
+
+def reverse_distance(reference: Reference, log_score: torch.Tensor,
+                     log_pi: torch.Tensor) -> ReverseDistance:
+    """KL(π‖p) = E_π[log π − log P] + log Z on π's draws (``log_score`` = log P and ``log_pi``
+    = log π of each), with log Z the pool's log Ẑ, and its in-support part (`ReverseDistance`).
+
+    With S = {P > 0}, s = the share of draws in S and d_i = log π_i − log P_i on them:
+    KL(π_S‖p) = E_{π_S}[d] − log π(S) + log Z ≈ mean_S d − log s + log Ẑ,
+    se² = var_S(d)/n_S + (1 − s)/(s n) + se(log Ẑ)² (delta method for log s)."""
+    log_score = torch.as_tensor(log_score).detach().double().cpu().reshape(-1)
+    log_pi = torch.as_tensor(log_pi).detach().double().cpu().reshape(-1)
+    if log_pi.shape != log_score.shape:
+        raise ConfigError(f"reverse_distance got {log_pi.numel()} values of log π for "
+                          f"{log_score.numel()} of log P; it needs one of each per policy draw")
+    n = log_pi.numel()
+    if n == 0:
+        raise ConfigError("reverse_distance needs at least one policy draw")
+    inside = torch.isfinite(log_score)
+    n_in = int(inside.sum())
+    share = n_in / n
+    outside, outside_se = 1 - share, math.sqrt(share * (1 - share) / n)
+    kl_in = kl_in_se = None
+    if n_in:
+        d = log_pi[inside] - log_score[inside]
+        kl_in = float(d.mean()) - math.log(share) + reference.log_z
+        kl_in_se = math.sqrt(_std_error(d) ** 2 + (1 - share) / (share * n)
+                             + reference.log_z_se ** 2)
+    if n_in < n:  # certain, not estimated: a drawn y has π(y) > 0 = p(y)
+        return ReverseDistance(math.inf, 0.0, kl_in, kl_in_se, outside, outside_se, n)
+    return ReverseDistance(kl_in, kl_in_se, kl_in, kl_in_se, outside, outside_se, n)
+
+
 def distances(reference: Reference, log_pi: torch.Tensor) -> ReferenceDistances:
     """KL(p‖π) and TVD(p, π) of a policy with log-probabilities ``log_pi`` on the pool (SPEC §12).
 

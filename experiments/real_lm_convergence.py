@@ -167,9 +167,9 @@ def render(results: dict[str, Any]) -> str:
             f"{what} {ref['value']:.4g} ({ref['method']})",
             "",
             f"| engine | samples drawn | KL(p‖π) ± se | fraction of the way | samples to reach "
-            f"0.1·KL(p‖a) | KL(π‖a) | on-policy KL(p‖π) | {what} (Rejection {ref['value']:.4g}) "
-            "| distinct / empty | samples/s | divergence warnings |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"0.1·KL(p‖a) | KL(π‖a) | KL(π_S‖p) ± se (π off S) | on-policy KL(p‖π) | {what} "
+            f"(Rejection {ref['value']:.4g}) | distinct / empty | samples/s | divergence warnings |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for engine, curve in entry["curves"].items():
             s, last = summary(entry, curve), curve["points"][-1]
@@ -179,6 +179,7 @@ def render(results: dict[str, Any]) -> str:
             parts.append(
                 f"| {engine}{stopped} | {s['samples']} | {s['kl']:.3f} ± {s['kl_se']:.3f} | "
                 f"{s['fraction']:.0%} | {reached} | {last['kl_policy_prior']:.3f} | "
+                f"{_reverse(last)} | "
                 f"{last['on_policy_kl_target_policy']:.3f} | {last['value']:.4g} | "
                 f"{last['distinct_fraction']:.2f} / {last['empty_fraction']:.2f} | "
                 f"{s['samples_per_s']:.1f} | {diverged} |")
@@ -191,6 +192,14 @@ def render(results: dict[str, Any]) -> str:
             shown = " · ".join(f"`{json.dumps(t[:60], ensure_ascii=False)}`" for t in examples)
             parts.append(f"- {engine}: {shown}")
     return "\n".join(parts)
+
+
+def _reverse(point: dict[str, Any]) -> str:
+    """KL(π_S‖p) ± se and π's mass off p's support S (— when no draw lay in S)."""
+    if point["kl_policy_target_in_support"] is None:
+        return f"— ({point['outside_support']:.0%})"
+    return (f"{point['kl_policy_target_in_support']:.3f} ± "
+            f"{point['kl_policy_target_in_support_se']:.3f} ({point['outside_support']:.0%})")
 
 
 def _describe(spec: dict[str, Any]) -> str:

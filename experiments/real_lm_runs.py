@@ -25,7 +25,7 @@ from bayesalign.inference import DPG, KLRL
 from bayesalign.inference.policy import make_policy
 from bayesalign.models import CausalLM, scorers
 from bayesalign.models.adaptors import BanTokens
-from bayesalign.reference import Reference, distances
+from bayesalign.reference import Reference, distances, reverse_distance
 from bayesalign.seeding import seeded
 from bayesalign.targets import NO_CONTEXT
 
@@ -155,8 +155,9 @@ def counting_draws() -> Iterator[list[int]]:
 def measure(target: ba.Target, spec: TargetSpec, policy: CausalLM, reference: Reference,
             eval_samples: int, seed: int) -> dict[str, Any]:
     """The yardstick's KL(p‖π) and TVD ± se, and from ``eval_samples`` fresh policy draws:
-    KL(π‖a) ± se, the on-policy SNIS estimate of KL(p‖π), the reward or constraint rate, and
-    what the draws are made of (distinct, empty, length, a few texts)."""
+    the reverse KL(π_S‖p) ± se of π on p's support S with the pool's log Ẑ and π's mass
+    outside S, KL(π‖a) ± se, the on-policy SNIS estimate of KL(p‖π), the reward or constraint
+    rate, and what the draws are made of (distinct, empty, length, a few texts)."""
     with torch.no_grad():
         log_pi_pool = policy.log_prob(reference.samples)
         yard = distances(reference, log_pi_pool)
@@ -165,12 +166,16 @@ def measure(target: ba.Target, spec: TargetSpec, policy: CausalLM, reference: Re
         log_pi = draws.log_q.double()
         log_prior = target.prior().log_prob(draws).double()
         log_score = target.log_score(draws, log_prior=log_prior)
+    reverse = reverse_distance(reference, log_score, log_pi)
     ratio = log_pi - log_prior
     value = site_value(target, spec, draws)
     texts = draws.text
     return {
         "kl_target_policy": yard.kl_target_policy, "kl_target_policy_se": yard.kl_target_policy_se,
         "tvd": yard.tvd, "tvd_se": yard.tvd_se,
+        "kl_policy_target_in_support": reverse.kl_in_support,
+        "kl_policy_target_in_support_se": reverse.kl_in_support_se,
+        "outside_support": reverse.outside_support,
         "kl_policy_prior": float(ratio.mean()),
         "kl_policy_prior_se": float(ratio.std() / math.sqrt(len(ratio))),
         "on_policy_kl_target_policy": dx.is_kl_target_policy(log_score, log_pi, log_pi)

@@ -49,6 +49,11 @@ def test_step_0_is_the_prior_by_the_yardstick(quick):
         z, n = math.exp(ref["log_z"]), sizes["eval_samples"]
         se = math.hypot(math.sqrt(z * (1 - z) / n), z * ref["log_z_se"])
         assert abs(start["value"] - z) <= 3 * se
+        # In reverse, a on the constraint's support is p: KL(π_S‖p) = 0 within 3 se, and the
+        # mass off the support is the rate's complement.
+        assert start["outside_support"] == pytest.approx(1 - start["value"])
+        assert abs(start["kl_policy_target_in_support"]) <= (
+            3 * start["kl_policy_target_in_support_se"])
 
 
 def test_curves_are_measured_at_increasing_samples_drawn(quick):

@@ -13,6 +13,7 @@ import torch
 from conftest import (
     assert_se_calibrated,
     brute_force_policy_distances,
+    brute_force_toy_a,
     conditional_world,
     toy_a_target,
 )
@@ -91,6 +92,45 @@ def test_exact_reference_agrees_with_enumeration_on_toy_a():
     assert d.reference_kl_target_policy_se < 0.05
 
 
+def test_reverse_kl_from_policy_draws_agrees_with_enumeration_on_toy_a():
+    # KL(π‖p) = E_π[log π − log P] + log Z on π's draws with the pool's log Ẑ (SPEC §12);
+    # π = a here, whose exact KL(a‖p) a plain loop over the 27 sequences gives.
+    target = toy_a_target(1.0)
+    reference = exact_reference(target, bound=math.exp(3), num_samples=2000, seed=0)
+    torch.manual_seed(1)
+    d = evaluate_policy(target, target.prior(), reference, eval_samples=4096)
+    exact = brute_force_toy_a(1.0)["kl_a_p"]
+    assert abs(d.reference_kl_policy_target - exact) <= 3 * d.reference_kl_policy_target_se
+    assert d.reference_kl_policy_target_se < 0.05
+    # A reward has full support: nothing outside it, and the in-support KL is the whole KL.
+    assert d.reference_outside_support == 0.0
+    assert d.reference_kl_policy_target_in_support == d.reference_kl_policy_target
+
+
+def test_reverse_kl_of_a_policy_that_breaks_a_hard_constraint():
+    # π = context a's prior measured against p(·|b) = a_b·1[has a 2]/Z: π puts mass on
+    # sequences without a 2, so KL(π‖p) is infinite, and π's mass outside p's support and
+    # KL(π_S‖p) of π conditioned on the support are what the draws can estimate.
+    world = conditional_world()
+    reference = exact_reference(world, bound=1.0, num_samples=2000, context="b", seed=2)
+    prior_a = world.prior("a")
+    support = world.support("b")
+    log_pi = prior_a.log_prob(support).double()
+    log_score = world.log_score(support, "b")
+    inside = torch.isfinite(log_score)
+    log_pi_s = log_pi[inside] - torch.logsumexp(log_pi[inside], 0)
+    log_p = log_score[inside] - torch.logsumexp(log_score[inside], 0)
+    exact_outside = 1 - float(log_pi[inside].exp().sum())
+    exact_in_support = float((log_pi_s.exp() * (log_pi_s - log_p)).sum())
+    assert 0.1 < exact_outside < 0.9 and exact_in_support > 0.05
+    torch.manual_seed(3)
+    d = evaluate_policy(world, prior_a, reference, context="b", eval_samples=4096)
+    assert d.reference_kl_policy_target == math.inf and d.reference_kl_policy_target_se == 0.0
+    assert abs(d.reference_outside_support - exact_outside) <= 3 * d.reference_outside_support_se
+    assert abs(d.reference_kl_policy_target_in_support - exact_in_support) <= (
+        3 * d.reference_kl_policy_target_in_support_se)
+
+
 def test_exact_reference_standard_errors_are_calibrated_over_seeds():
     # The pool and log Ẑ come from one Rejection run (the accepted draws are some of the
     # proposals), with its stopping rule; z = (estimate − exact)/se over 60 runs still has
@@ -161,6 +201,15 @@ def test_yardstick_at_step_0_is_minus_log_z_on_a_tiny_gpt2(token_world):
     # KV cache vs recomputed in one pass), so the yardstick is −log Ẑ.
     assert d.reference_kl_target_policy == pytest.approx(-reference.log_z, abs=1e-4)
     assert 1.5 < d.reference_kl_target_policy < 3.1  # prior rate 5–20%
+    # In reverse: a restricted to b's support is p itself, so KL(π_S‖p) = 0 (two estimates of
+    # log Z, the draws' share in S and the pool's, differ by chance), and π's mass outside the
+    # support is 1 − Z.
+    assert abs(d.reference_kl_policy_target_in_support) <= (
+        3 * d.reference_kl_policy_target_in_support_se)
+    assert d.reference_kl_policy_target == math.inf
+    outside_se = math.hypot(d.reference_outside_support_se,
+                            math.exp(reference.log_z) * reference.log_z_se)
+    assert abs(d.reference_outside_support - (1 - math.exp(reference.log_z))) <= 3 * outside_se
 
 
 @pytest.mark.slow
