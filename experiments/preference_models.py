@@ -10,7 +10,7 @@ lines from other files, 10% of labels flipped. The backbone is the tiny random G
 `models.tiny`: the study compares objectives, not model scale.
 
 ``python -m experiments.preference_models [--quick] [--output DIR]``. Quick mode (one seed,
-16 and 64 comparisons) takes 20–40 s on two shared CPU cores; full mode (three seeds, 32, 128
+16 and 64 comparisons, half the steps) takes 10–20 s on two shared CPU cores; full mode (three seeds, 32, 128
 and 512 comparisons) took 9 minutes there (549 s at load average 4).
 """
 
@@ -61,8 +61,8 @@ class Settings:
     max_chars: int = 240  # longest snippet (~100 tokens of the tiny tokenizer)
 
 
-QUICK = Settings(sizes=(16, 64), finetune_steps=16, pretrain_pairs=1024, pretrain_steps=32,
-                 test_pairs=128, seeds=(0,))
+QUICK = Settings(sizes=(16, 64), finetune_steps=8, pretrain_pairs=512, pretrain_steps=16,
+                 test_pairs=64, seeds=(0,))
 FULL = Settings(sizes=(32, 128, 512), finetune_steps=120, pretrain_pairs=8192, pretrain_steps=400,
                 test_pairs=512, seeds=(0, 1, 2))
 

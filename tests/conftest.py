@@ -176,6 +176,20 @@ def has_two_target() -> ba.Target:
     return has_two
 
 
+def assert_monitor_quiet(post, checks_every: int = 1) -> None:
+    """A converged run's divergence monitor stays clear of every threshold with a margin:
+    KL(π‖a) under 5 × KL(p‖a), ESS fraction above 0.1, and no run of 3 checks (one per
+    ``checks_every`` steps: PPO checks once per rollout) with log Ẑ drifting past 8 se."""
+    rows = post.history
+    assert max(r["monitor_kl_policy_prior_multiple"] for r in rows) < 5
+    assert min(r["monitor_ess_fraction"] for r in rows) > 0.1
+    longest = current = 0
+    for row in rows[::checks_every]:
+        current = current + 1 if row.get("monitor_log_z_drift_se", 0.0) > 8.0 else 0
+        longest = max(longest, current)
+    assert longest < 3
+
+
 def conditional_world():
     """Two contexts with first-token laws (.5,.3,.2) and (.1,.1,.8) (SPEC §10, CDPG oracle)."""
     transition = torch.tensor(T, dtype=torch.float64)

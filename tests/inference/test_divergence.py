@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import has_two_target, toy_a_prior, toy_a_target
+from conftest import assert_monitor_quiet, has_two_target, toy_a_prior, toy_a_target
 
 from bayesalign.errors import ConfigError, DivergenceWarning, TrainingError
 from bayesalign.inference import DPG, KLRL
@@ -66,27 +66,16 @@ def test_stop_raises_at_the_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("engine", ["dpg", "dpg_off_policy", "rloo", "ppo"])
 def test_converged_runs_do_not_warn(engine):
-    settings = {**QUICK, "steps": 3000}  # test_policy_engines.py's budget
+    # On a hard constraint; test_policy_engines.py checks the same margins on Toy A's reward
+    # (its runs are these engines at this budget).
+    settings = {**QUICK, "steps": 3000}
     make = {"dpg": lambda: DPG(**settings), "dpg_off_policy": lambda: DPG(off_policy=True, **settings),
             "rloo": lambda: KLRL(**settings), "ppo": lambda: KLRL(algorithm="ppo", **settings)}
-    for target in (toy_a_target(1.0), has_two_target()):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", DivergenceWarning)
-            post = make[engine]().fit(target)
-        assert post.diagnostics.kl_target_policy < 0.05
-        rows = post.history
-        assert max(r["monitor_kl_policy_prior_multiple"] for r in rows) < 5
-        assert min(r["monitor_ess_fraction"] for r in rows) > 0.1
-        checks = rows[::4] if engine == "ppo" else rows  # PPO checks once per rollout (4 steps)
-        assert _longest_run(checks, "monitor_log_z_drift_se", 8.0) < 3
-
-
-def _longest_run(rows: list[dict], key: str, above: float) -> int:
-    longest = current = 0
-    for row in rows:
-        current = current + 1 if row.get(key, 0.0) > above else 0
-        longest = max(longest, current)
-    return longest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)
+        post = make[engine]().fit(has_two_target())
+    assert post.diagnostics.kl_target_policy < 0.05
+    assert_monitor_quiet(post, checks_every=4 if engine == "ppo" else 1)
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -6,7 +6,13 @@ import warnings
 import pyro
 import pytest
 import torch
-from conftest import conditional_world, has_two_target, toy_a_prior, toy_a_target
+from conftest import (
+    assert_monitor_quiet,
+    conditional_world,
+    has_two_target,
+    toy_a_prior,
+    toy_a_target,
+)
 
 import bayesalign as ba
 from bayesalign.diagnostics import kl
@@ -49,6 +55,7 @@ def test_policy_engines_reach_the_exact_posterior(engine, world):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)  # a converged run raises no alarm
         post = ENGINES[engine]().fit(target)
+    assert_monitor_quiet(post, checks_every=4 if engine == "ppo" else 1)
     exact = Exact().fit(target)
     # The diagnostics are exact: recompute KL(p‖π) here from the two laws on the support.
     support = exact.samples

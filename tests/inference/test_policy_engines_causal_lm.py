@@ -37,8 +37,11 @@ def prior_share(target):
     return float(target.factors(y)["share"].value.mean())
 
 
+# DPG at lr 1e-3 runs away on this prior (KL(π‖a) 7–13 nats over seeds 0–2, the divergence
+# warning fires, and whether the share ends above or below the prior's depends on the CPU's
+# float rounding); at 3e-4 it ends at 0.035–0.054 with KL(π‖a) 0.6–0.8 on those seeds.
 @pytest.mark.parametrize("engine", [
-    lambda: DPG(steps=60, batch_size=32, learning_rate=1e-3, eval_samples=512, progress=False),
+    lambda: DPG(steps=60, batch_size=32, learning_rate=3e-4, eval_samples=512, progress=False),
     lambda: KLRL(algorithm="rloo", steps=60, batch_size=32, learning_rate=1e-3,
                  eval_samples=512, progress=False),
     lambda: KLRL(algorithm="ppo", steps=60, batch_size=32, learning_rate=1e-3, ppo_epochs=2,
