@@ -177,8 +177,10 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
                                            several=len(contexts) > 1)
                 batch = fresh if pool is None else pool.with_replayed(fresh, replayed,
                                                                       trainer.device)
-                loss, info, log_pi = self._loss(conditional, batch, log_z, state,
-                                                measured=len(fresh.y))
+                loss, info, log_pi = self._loss(
+                    conditional, batch, log_z, state, measured=len(fresh.y),
+                    drawn_by_policy=proposal is None and pool is None
+                    and self.updates_per_batch == 1)
                 if len(contexts) == 1 and not math.isfinite(state.log_z(self._z_key(c))):
                     info["log_z"] = -math.inf  # no draw with P > 0 yet: no estimate of Z
                 if self.updates_per_batch > 1:
@@ -247,17 +249,25 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
     def _loss(
         self, policy: SequenceDistribution, batch: ScoredBatch, log_z: float, state: DPGState,
         log_old: torch.Tensor | None = None, measured: int | None = None,
+        drawn_by_policy: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """f-DPG's loss mean (π/q)(f'(π/p) − b) log π (§2.3, Go et al. 2023), its metrics and
         the draws' log π; with ``log_old`` (a reused batch) the terms `ratio_clip` drops are
         left out of the gradient. The metrics (and so the divergence monitor's KL(π‖a)) are of
         the first ``measured`` rows, the fresh draws: a replayed draw's π/q_draw is
-        heavy-tailed once π has moved, fine in a mean gradient, not in a step's estimate."""
-        log_pi = policy.token_log_probs(batch.y).sum(-1)
-        log_pi_detached = log_pi.detach().double()
+        heavy-tailed once π has moved, fine in a mean gradient, not in a step's estimate.
+        ``drawn_by_policy``: every row was drawn by ``policy`` at its current weights."""
+        run = self._rows_to_run(batch, drawn_by_policy)
+        y = batch.y if run is None else batch.y[run]
+        log_pi = policy.token_log_probs(y).sum(-1)
+        if run is None:
+            log_pi_detached = log_pi.detach().double()
+        else:
+            log_pi_detached = batch.log_q.clone()
+            log_pi_detached[run] = log_pi.detach().double()
         # The weights need the sequence's log π; "token" normalises only the term differentiated.
         scored = log_pi if self.loss_normalisation == "sequence" \
-            else log_pi / batch.y.lengths.to(log_pi.device).clamp(min=1)
+            else log_pi / y.lengths.to(log_pi.device).clamp(min=1)
         pi_over_q = torch.exp(log_pi_detached - batch.log_q)
         grad_weight = f_prime(self.divergence, log_pi_detached - (batch.log_score - log_z))
         if self.baseline:
@@ -277,8 +287,27 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
             kept = clip_mask(coefficient, log_pi_detached - log_old, self.ratio_clip)
             coefficient = coefficient * kept
             info["clipped_fraction"] = float(1 - gather(kept.double()).mean())  # all processes
-        loss = (coefficient.to(log_pi.dtype) * scored).mean()
+        if run is not None:
+            coefficient = coefficient[run]
+        loss = (coefficient.to(log_pi.dtype) * scored).sum() / len(batch.y)
         return loss, info, log_pi_detached
+
+    def _rows_to_run(self, batch: ScoredBatch, drawn_by_policy: bool) -> torch.Tensor | None:
+        """The rows the policy's forward and backward must see, or None for all of them.
+
+        Forward KL without a baseline weights a draw by −P/(Ẑ q), which is 0 where P = 0 at any
+        θ; on draws the policy made at its current weights log π is the log q they carry. Such
+        rows need neither pass: on a rare constraint they are most of a batch (89% at the start
+        of `return` in experiments/real_lm_convergence). One row is kept when all are zero, so
+        that every process runs the model (data parallel reduces gradients in its backward)."""
+        if not drawn_by_policy or self.divergence != "kl" or self.baseline:
+            return None
+        zero = ~torch.isfinite(batch.log_score)
+        if not zero.any():
+            return None
+        keep = ~zero
+        keep[0] = keep[0] | ~keep.any()
+        return keep.nonzero().squeeze(-1)
 
     def _proposal_schedule(self, target: Target, proposal: Proposal | None,
                            policy: SequenceDistribution, context: Any,
