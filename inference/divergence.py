@@ -23,9 +23,21 @@ read from what a step already computes (its draws y ~ q and their weights w = P(
     longer see the target's mass (the se of heavy-tailed weights is underestimated now and
     then, so one step past it is no signal).
 
+(d) **KL(π‖a) past the target's**: the step's KL(π‖a) exceeds the target's estimated KL(p‖a)
+    (as in (b)) by more than ``divergence_kl_excess`` nats for ``divergence_patience``
+    consecutive checks. KL(π‖a) − KL(p‖a) = KL(π‖p) + E_π[log φ] − E_p[log φ] (SPEC §1): for a
+    hard constraint with π in its support it is KL(π‖p) itself, the reverse distance of a
+    policy that has traded p's spread for a few sequences it favours; for a reward it
+    understates KL(π‖p) unless π's reward has passed p's (then π over-optimises). Measured on
+    ``bundled:code-small``'s ``return`` (KL(p‖a) 2.18, experiments/real_lm_convergence): RLOO's
+    template collapse reads ≈ 1.3–2.0 nats from 4,000 samples on (0.9 at 2,000; its KL(p‖π)
+    ends at 4.9, past the prior's 2.2), while DPG, converging, stays below −0.7 (KL(π‖a) ≤
+    0.56 × KL(p‖a)); the multiple (b) of RLOO's run is 1.4–1.9, under its threshold.
+
 A policy collapsed onto a few sequences that satisfy the target has equal weights P/π (ESS
 fraction 1) and, once its draws dominate the pool, a KL(p‖a) estimate near its own KL(π‖a):
-(a) and (b) then miss it; (c) and (b) see the onset, which is when the warning is raised.
+(a) and (b) then miss it; (c) and (b) see the onset, which is when the warning is raised, and
+(d) sees a collapse that keeps its distance from p, as RLOO's on a rare constraint.
 
 Under several processes the signals are computed from every process' weights (gathered), as
 one process drawing them all would compute them.
@@ -66,13 +78,14 @@ class DivergenceOptions:
     # They watch the run without changing it, so a resumed run may change any of them.
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
         "divergence_action", "divergence_ess_fraction", "divergence_patience",
-        "divergence_kl_multiple", "divergence_log_z_se")
+        "divergence_kl_multiple", "divergence_log_z_se", "divergence_kl_excess")
 
     divergence_action: str = "warn"  # "warn", "stop" (TrainingError at the last checkpoint), "off"
     divergence_ess_fraction: float = 0.01  # (a): ESS/n below this ...
-    divergence_patience: int = 5  # (a), (c): for this many consecutive checks
+    divergence_patience: int = 5  # (a), (c), (d): for this many consecutive checks
     divergence_kl_multiple: float = 5.0  # (b): KL(π‖a) above this × the estimated KL(p‖a)
     divergence_log_z_se: float = 8.0  # (c): the step's log Ẑ this many se from the running one
+    divergence_kl_excess: float = 1.0  # (d): KL(π‖a) this many nats above the estimated KL(p‖a)
 
     def check_divergence_options(self) -> None:
         if self.divergence_action not in ACTIONS:
@@ -86,6 +99,7 @@ class DivergenceOptions:
                               f"got {self.divergence_patience!r}")
         require_positive("divergence_kl_multiple", self.divergence_kl_multiple)
         require_positive("divergence_log_z_se", self.divergence_log_z_se)
+        require_positive("divergence_kl_excess", self.divergence_kl_excess)
 
 
 @dataclass
@@ -132,13 +146,14 @@ class PooledWeights:
 
 @dataclass
 class DivergenceState:
-    """What the monitor checkpoints: the pooled weights per context, the current runs of low-ESS
-    and high-drift checks, and the signals already reported (each is reported once)."""
+    """What the monitor checkpoints: the pooled weights per context, the current runs of low-ESS,
+    high-drift and high-excess checks, and the signals already reported (each is reported once)."""
 
     pooled: dict[str, PooledWeights] = field(default_factory=dict)
     low_ess_checks: int = 0
     high_drift_checks: int = 0
     reported: list[str] = field(default_factory=list)
+    high_excess_checks: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -147,6 +162,9 @@ class DivergenceState:
         self.pooled = {k: PooledWeights(**v) for k, v in state["pooled"].items()}
         self.low_ess_checks, self.reported = state["low_ess_checks"], list(state["reported"])
         self.high_drift_checks = state["high_drift_checks"]
+        # A checkpoint written before signal (d) existed: its run of high-excess checks starts
+        # at 0 on resume, which can only delay that warning by up to divergence_patience steps.
+        self.high_excess_checks = state.get("high_excess_checks", 0)
 
     def load_from(self, engine_state: dict, engine: str) -> None:
         """Restore the monitor from its engine's checkpointed state, refusing a state written
@@ -203,9 +221,10 @@ class DivergenceMonitor:
 
     def check(self, step: int, rows: list[dict[str, float]]) -> dict[str, float]:
         """The step's signals over its contexts (for the history), checked: the lowest ESS
-        fraction, the largest drift, and E_c KL(π_c‖a_c) / E_c KL(p_c‖a_c) over every context
-        seen so far, each at its latest estimate — context averages, as CDPG's objective is,
-        since one context's KL(p_c‖a_c) may be tiny and a shared policy far from its a_c."""
+        fraction, the largest drift, and E_c KL(π_c‖a_c) / E_c KL(p_c‖a_c) and E_c KL(π_c‖a_c) −
+        E_c KL(p_c‖a_c) over every context seen so far, each at its latest estimate — context
+        averages, as CDPG's objective is, since one context's KL(p_c‖a_c) may be tiny and a
+        shared policy far from its a_c."""
         options = self.options
         if options.divergence_action == "off" or not rows:
             return {}
@@ -215,8 +234,10 @@ class DivergenceMonitor:
         worst = {"ess_fraction": min(measured)}
         rated = [p for p in self.state.pooled.values() if math.isfinite(p.log_z())]
         if rated:
-            worst["kl_policy_prior_multiple"] = (sum(p.kl_policy_prior for p in rated)
-                                                 / sum(p.kl_target_prior() for p in rated))
+            policy_kl = sum(p.kl_policy_prior for p in rated) / len(rated)
+            target_kl = sum(p.kl_target_prior() for p in rated) / len(rated)
+            worst["kl_policy_prior_multiple"] = policy_kl / target_kl
+            worst["kl_policy_prior_excess"] = policy_kl - target_kl
         drifts = [r["log_z_drift_se"] for r in rows if "log_z_drift_se" in r]
         if drifts:
             worst["log_z_drift_se"] = max(drifts)
@@ -232,6 +253,17 @@ class DivergenceMonitor:
             self._report(step, "kl_policy_prior", f"KL(π‖a) is {multiple:.3g} × the target's "
                          f"estimated KL(p‖a), past divergence_kl_multiple="
                          f"{options.divergence_kl_multiple}")
+        excess = worst.get("kl_policy_prior_excess", 0.0)
+        high = excess > options.divergence_kl_excess
+        self.state.high_excess_checks, lasting = self._consecutive(self.state.high_excess_checks,
+                                                                   high)
+        if lasting:
+            self._report(step, "kl_policy_prior_excess", f"KL(π‖a) has exceeded the target's "
+                         f"estimated KL(p‖a) by more than divergence_kl_excess="
+                         f"{options.divergence_kl_excess} nats for {self.state.high_excess_checks} "
+                         f"consecutive steps (now {excess:.3g}); for a hard constraint that excess "
+                         "is KL(π‖p): π has left p for sequences it favours (measure it against "
+                         "exact_reference)")
         drift = worst.get("log_z_drift_se", 0.0)
         high = drift > options.divergence_log_z_se
         self.state.high_drift_checks, lasting = self._consecutive(self.state.high_drift_checks, high)

@@ -31,7 +31,12 @@ def test_the_warning_fires_on_a_collapsing_dpg_run_naming_step_and_signal():
     with pytest.warns(DivergenceWarning, match=r"DPG diverges at step 3: KL\(π‖a\) is 19.7 × the "
                                                r"target's estimated KL\(p‖a\)") as caught:
         post = DPG(steps=40, **DIVERGING).fit(has_two_target())
-    assert len([w for w in caught if w.category is DivergenceWarning]) == 1  # once per signal
+    # Once per signal: (b) at step 3, then (d), KL(π‖a) past the target's, once it has lasted
+    # divergence_patience = 5 checks (steps 2 to 6).
+    messages = [str(w.message) for w in caught if w.category is DivergenceWarning]
+    assert len(messages) == 2
+    assert messages[1].startswith("DPG diverges at step 6: KL(π‖a) has exceeded the target's "
+                                  "estimated KL(p‖a) by more than divergence_kl_excess=1.0 nats")
     assert post.diagnostics.kl_target_policy > 20  # it did collapse
     assert post.history[-1]["ess_fraction"] == pytest.approx(1.0)  # which the ESS alone cannot see
     assert post.history[3]["monitor_kl_policy_prior_multiple"] > 10
@@ -83,6 +88,7 @@ def test_converged_runs_do_not_warn(engine):
     ("divergence_ess_fraction", 1.5, "divergence_ess_fraction must be in \\(0, 1\\)"),
     ("divergence_patience", 0, "divergence_patience must be an integer >= 1"),
     ("divergence_kl_multiple", 0.0, "divergence_kl_multiple must be > 0"),
+    ("divergence_kl_excess", -1.0, "divergence_kl_excess must be > 0"),
     ("divergence_log_z_se", -1.0, "divergence_log_z_se must be > 0"),
     ("loss_normalisation", "batch", "loss_normalisation must be one of \\('sequence', 'token'\\)"),
     ("warmup_steps", -1, "warmup_steps must be >= 0"),
@@ -108,6 +114,42 @@ def test_the_monitor_state_round_trips_and_an_old_state_is_refused():
     old = {k: v for k, v in dpg.state_dict().items() if k != "divergence"}
     with pytest.raises(ConfigError, match="has no divergence monitor .*older version"):
         dpg.load_state_dict(old)
+
+
+def test_a_state_from_before_the_excess_signal_resumes_with_its_count_at_zero():
+    state = DivergenceState({"None": PooledWeights(0.5, 0.25, 7, -0.3, 1.5)}, 2, 3, ["log_z"], 4)
+    old = {k: v for k, v in state.state_dict().items() if k != "high_excess_checks"}
+    again = DivergenceState()
+    again.load_state_dict(old)
+    assert again == DivergenceState(state.pooled, 2, 3, ["log_z"], 0)
+
+
+@pytest.mark.parametrize("policy_kl, warned", [(3.3, True), (2.6, False)])
+def test_kl_policy_prior_past_the_targets_by_more_than_the_excess_warns(policy_kl, warned):
+    """A hard constraint at Ẑ = 1/8 (KL(p‖a) = log 8 = 2.08): a policy at KL(π‖a) = 3.3 is 1.22
+    nats past it, which for π in the support is KL(π‖p) — RLOO's template on `return` read
+    1.3–2.0 — while 3.3 / 2.08 = 1.6 stays under the multiple (b) of 5; at 2.6 (0.52 past) the
+    monitor stays quiet. The excess has to last divergence_patience = 5 checks."""
+    monitor = DivergenceMonitor(DivergenceOptions(), "KLRL-rloo", DivergenceState(), lambda: "")
+    batch = torch.full((64,), -math.inf, dtype=torch.float64)
+    batch[:8] = 0.0  # P/q = 1 on the support (q = a there), 0 off it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = []
+        for step in range(6):
+            signals = monitor.signals("None", batch, torch.zeros(64), policy_kl)
+            rows.append(monitor.check(step, [signals]))
+    assert rows[-1]["monitor_kl_policy_prior_excess"] == pytest.approx(policy_kl - math.log(8))
+    assert all(r["monitor_kl_policy_prior_multiple"] < 5 for r in rows)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DivergenceWarning)]
+    if warned:
+        assert len(messages) == 1  # reported once, at the fifth check in a row
+        assert messages[0].startswith("KLRL-rloo diverges at step 4: KL(π‖a) has exceeded the "
+                                      "target's estimated KL(p‖a) by more than "
+                                      "divergence_kl_excess=1.0 nats for 5 consecutive steps "
+                                      "(now 1.22)")
+    else:
+        assert messages == []
 
 
 @pytest.mark.parametrize("share, reading", [(1 / 64, None), (0.5, 0.0)])
