@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sampling_throughput.py
 	$(BIN)/python bench/phf_throughput.py
 	$(BIN)/python bench/sharding_memory.py
+	$(BIN)/python bench/dpg_zero_rows.py --threads 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check bayesalign models inference tests bench experiments

@@ -12,6 +12,7 @@ distance off enumerable worlds, where the on-policy estimate cannot see the mass
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -24,7 +25,13 @@ from . import diagnostics as dx
 from .diagnostics import Diagnostics
 from .distribution import SequenceDistribution
 from .errors import ConfigError
-from .reference import Reference, distances, reverse_distance
+from .reference import (
+    Reference,
+    ReferenceDistances,
+    ReverseDistance,
+    distances,
+    reverse_distance,
+)
 from .sequences import Sequences
 from .targets import NO_CONTEXT, FactorSite, Target
 
@@ -154,15 +161,7 @@ def empirical_log_prob(
 def _fill_reference(result: Diagnostics, reference: Reference, law: LogProb) -> None:
     with torch.no_grad():
         log_pi = law(reference.samples)
-    measured = distances(reference, log_pi)
-    result.reference_kl_target_policy = measured.kl_target_policy
-    result.reference_kl_target_policy_se = measured.kl_target_policy_se
-    result.reference_tvd = measured.tvd
-    result.reference_tvd_se = measured.tvd_se
-    result.reference_kind = measured.kind
-    result.reference_num_samples = measured.num_samples
-    result.reference_ess = measured.ess
-    result.reference_pareto_k = measured.pareto_k
+    _set_reference_fields(result, distances(reference, log_pi))
     message = reference.untrusted()
     if message is not None:
         result.warnings.append(message)
@@ -171,13 +170,14 @@ def _fill_reference(result: Diagnostics, reference: Reference, law: LogProb) -> 
 
 def _fill_reverse(result: Diagnostics, reference: Reference, log_score: torch.Tensor,
                   log_pi: torch.Tensor) -> None:
-    measured = reverse_distance(reference, log_score, log_pi)
-    result.reference_kl_policy_target = measured.kl_policy_target
-    result.reference_kl_policy_target_se = measured.kl_policy_target_se
-    result.reference_kl_policy_target_in_support = measured.kl_in_support
-    result.reference_kl_policy_target_in_support_se = measured.kl_in_support_se
-    result.reference_outside_support = measured.outside_support
-    result.reference_outside_support_se = measured.outside_support_se
+    _set_reference_fields(result, reverse_distance(reference, log_score, log_pi))
+
+
+def _set_reference_fields(result: Diagnostics,
+                          measured: ReferenceDistances | ReverseDistance) -> None:
+    """Each of the measurement's fields as the Diagnostics field ``reference_<name>``."""
+    for item in dataclasses.fields(measured):
+        setattr(result, f"reference_{item.name}", getattr(measured, item.name))
 
 
 def _fill_weight_stats(result: Diagnostics, log_w: torch.Tensor) -> None:

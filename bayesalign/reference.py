@@ -160,17 +160,16 @@ class ReverseDistance:
 
     A draw where P = 0 makes KL(π‖p) infinite (π has mass p has not: a broken hard constraint),
     so beside it stand ``outside_support``, π's mass where P = 0 (the draws' share), and
-    ``kl_in_support``, KL(π_S‖p) of π conditioned on p's support S: how far the part of π
-    that meets the target is from p (a mode-seeking collapse shows here; the forward KL(p‖π)
-    shows the mass π misses). ``kl_in_support`` is None when no draw lies in S."""
+    ``kl_policy_target_in_support``, KL(π_S‖p) of π conditioned on p's support S: how far the
+    part of π that meets the target is from p (a mode-seeking collapse shows here; the forward
+    KL(p‖π) shows the mass π misses); None when no draw lies in S."""
 
     kl_policy_target: float
     kl_policy_target_se: float
-    kl_in_support: float | None
-    kl_in_support_se: float | None
+    kl_policy_target_in_support: float | None
+    kl_policy_target_in_support_se: float | None
     outside_support: float
     outside_support_se: float
-    num_draws: int
 
 
 def reverse_distance(reference: Reference, log_score: torch.Tensor,
@@ -200,8 +199,8 @@ def reverse_distance(reference: Reference, log_score: torch.Tensor,
         kl_in_se = math.sqrt(_std_error(d) ** 2 + (1 - share) / (share * n)
                              + reference.log_z_se ** 2)
     if n_in < n:  # certain, not estimated: a drawn y has π(y) > 0 = p(y)
-        return ReverseDistance(math.inf, 0.0, kl_in, kl_in_se, outside, outside_se, n)
-    return ReverseDistance(kl_in, kl_in_se, kl_in, kl_in_se, outside, outside_se, n)
+        return ReverseDistance(math.inf, 0.0, kl_in, kl_in_se, outside, outside_se)
+    return ReverseDistance(kl_in, kl_in_se, kl_in, kl_in_se, outside, outside_se)
 
 
 def distances(reference: Reference, log_pi: torch.Tensor) -> ReferenceDistances:

@@ -173,8 +173,8 @@ def measure(target: ba.Target, spec: TargetSpec, policy: CausalLM, reference: Re
     return {
         "kl_target_policy": yard.kl_target_policy, "kl_target_policy_se": yard.kl_target_policy_se,
         "tvd": yard.tvd, "tvd_se": yard.tvd_se,
-        "kl_policy_target_in_support": reverse.kl_in_support,
-        "kl_policy_target_in_support_se": reverse.kl_in_support_se,
+        "kl_policy_target_in_support": reverse.kl_policy_target_in_support,
+        "kl_policy_target_in_support_se": reverse.kl_policy_target_in_support_se,
         "outside_support": reverse.outside_support,
         "kl_policy_prior": float(ratio.mean()),
         "kl_policy_prior_se": float(ratio.std() / math.sqrt(len(ratio))),
