@@ -9,7 +9,7 @@ with every row run through the policy's forward and backward (the baseline: DPG 
 skipped the rows whose loss term is 0). Both fits start from the prior with the same seed, so they
 draw the same batches; the first step of each fit is a warm-up, excluded; a fit's figure is the
 median of its other steps. Fits alternate for ``--rounds`` rounds; the table gives medians over
-rounds, the ratio of the medians and the median of the per-round ratios. At the prior, ~92% of a
+rounds, the ratio of the medians and the median of the per-round ratios. At the prior, about 90% of a
 batch has P = 0; a trained policy has fewer (30–40% at the end of a 20,000-sample run).
 """
 

@@ -297,7 +297,7 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
 
         Forward KL without a baseline weights a draw by −P/(Ẑ q), which is 0 where P = 0 at any
         θ; on draws the policy made at its current weights log π is the log q they carry. Such
-        rows need neither pass: on a rare constraint they are most of a batch (89% at the start
+        rows need neither pass: on a rare constraint they are most of a batch (about 90% at the start
         of `return` in experiments/real_lm_convergence). One row is kept when all are zero, so
         that every process runs the model (data parallel reduces gradients in its backward)."""
         if not drawn_by_policy or self.divergence != "kl" or self.baseline:
