@@ -131,6 +131,16 @@ def test_reverse_kl_of_a_policy_that_breaks_a_hard_constraint():
         3 * d.reference_kl_policy_target_in_support_se)
 
 
+def test_reverse_distance_refuses_mismatched_or_empty_draws():
+    from bayesalign.reference import reverse_distance
+
+    reference = exact_reference(toy_a_target(1.0), bound=math.exp(3), num_samples=10, seed=0)
+    with pytest.raises(ConfigError, match="got 3 values of log π for 2 of log P"):
+        reverse_distance(reference, torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ConfigError, match="needs at least one policy draw"):
+        reverse_distance(reference, torch.zeros(0), torch.zeros(0))
+
+
 def test_exact_reference_standard_errors_are_calibrated_over_seeds():
     # The pool and log Ẑ come from one Rejection run (the accepted draws are some of the
     # proposals), with its stopping rule; z = (estimate − exact)/se over 60 runs still has
