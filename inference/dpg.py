@@ -307,7 +307,9 @@ class DPG(PolicyEngineConfig, DivergenceOptions):
             return None
         keep = ~zero
         keep[0] = keep[0] | ~keep.any()
-        return keep.nonzero().squeeze(-1)
+        # On the CPU: Sequences indexes its Python-side fields (texts, contexts) with it, and a
+        # CPU index serves tensors on any device.
+        return keep.nonzero().squeeze(-1).cpu()
 
     def _proposal_schedule(self, target: Target, proposal: Proposal | None,
                            policy: SequenceDistribution, context: Any,
