@@ -10,8 +10,8 @@ lines from other files, 10% of labels flipped. The backbone is the tiny random G
 `models.tiny`: the study compares objectives, not model scale.
 
 ``python -m experiments.preference_models [--quick] [--output DIR]``. Quick mode (one seed,
-16 and 64 comparisons, half the steps) takes 10–20 s on two shared CPU cores; full mode (three seeds, 32, 128
-and 512 comparisons) took 9 minutes there (549 s at load average 4).
+16 and 64 comparisons, few steps) takes 10–20 s on two shared CPU cores; full mode (three
+seeds, 32, 128 and 512 comparisons) took 9 minutes there (549 s at load average 4).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ import torch
 from conftest import has_two_target, toy_a_target
 
 from bayesalign.inference import DPG
-from bayesalign.inference.dpg import DPG as DPGClass
 from bayesalign.models.prefix_tree import PrefixTreeLM
 
 SETTINGS = {"steps": 40, "batch_size": 64, "seed": 0, "progress": False}
@@ -25,7 +24,7 @@ def fit_counting_rows(monkeypatch, engine: DPG, target, skip: bool):
     with monkeypatch.context() as patch:
         patch.setattr(PrefixTreeLM, "token_log_probs", counted)
         if not skip:
-            patch.setattr(DPGClass, "_rows_to_run", lambda self, batch, drawn_by_policy: None)
+            patch.setattr(DPG, "_rows_to_run", lambda self, batch, drawn_by_policy: None)
         post = engine.fit(target)
     return post, rows[0]
 
